@@ -1,0 +1,109 @@
+"""Train one epoch and evaluate: the model-agnostic loop, as in DETR's engine.py.
+
+Neither function knows which detector or loss it runs; both take a model whose forward returns a
+dict of weighted loss terms in training mode and detections in eval mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from hcral.distributed import all_gather_objects, is_main_process, reduce_mean
+from hcral.evaluation import coco_evaluate, detections_to_coco
+
+
+def _to_device(targets: list[dict], device: torch.device) -> list[dict]:
+    return [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+
+
+def autocast_context(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA when asked for (no loss scaling needed); nothing on CPU."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_one_epoch(
+    model: nn.Module,
+    batches: Iterable,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    device: torch.device,
+    *,
+    grad_clip: float | None = None,
+    amp: bool = False,
+    channels_last: bool = False,
+    on_step: Callable[[dict[str, Any]], bool] | None = None,
+) -> None:
+    """One pass over ``batches``. After each step ``on_step(record)`` is called with the loss terms,
+    learning rate and step time; it returns True to stop early (iteration budget, checkpointing)."""
+    model.train()
+    for images, targets in batches:
+        start = time.perf_counter()
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        targets = _to_device(targets, device)
+        with autocast_context(device, amp):
+            terms = model(images, targets)
+        loss = sum(terms.values())
+        if not torch.isfinite(loss):
+            values = {k: float(v) for k, v in terms.items()}
+            raise FloatingPointError(f"non-finite loss {values}; lower train.lr or set train.grad_clip")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = None
+        if grad_clip is not None:
+            grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+        optimizer.step()
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        record: dict[str, Any] = {k: float(reduce_mean(v.detach())) for k, v in terms.items()}
+        record["loss"] = sum(record.values())
+        record["lr"] = lr
+        if grad_norm is not None:
+            record["grad_norm"] = grad_norm if math.isfinite(grad_norm) else None
+        record["step_time"] = time.perf_counter() - start
+        if on_step is not None and on_step(record):
+            return
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable,
+    dataset: Any,
+    device: torch.device,
+    *,
+    amp: bool = False,
+) -> tuple[dict[str, float] | None, list[dict]]:
+    """COCO box metrics over ``batches``; detections of every rank are gathered to the main one.
+
+    ``dataset`` gives ``coco_gt()`` and ``cat_ids``. Returns (metrics or None off the main process,
+    detections in COCO result format in original-image pixels).
+    """
+    model.eval()
+    detections: list[dict] = []
+    for images, targets in batches:
+        images = images.to(device)
+        sizes = [tuple(t["size"]) for t in targets]
+        with autocast_context(device, amp):
+            outputs = model(images, image_sizes=sizes)
+        for out, t in zip(outputs, targets):
+            detections.extend(
+                detections_to_coco(
+                    t["image_id"], out["boxes"].float().cpu(), out["scores"].float().cpu(),
+                    out["labels"].cpu(), dataset.cat_ids, t["scale_factor"],
+                )
+            )
+    gathered = [d for part in all_gather_objects(detections) for d in part]
+    if not is_main_process():
+        return None, gathered
+    return coco_evaluate(dataset.coco_gt(), gathered), gathered

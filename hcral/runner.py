@@ -1,0 +1,379 @@
+"""Runs: build data and model from a config, train with exact resume, evaluate, predict.
+
+Exact resume rests on three things saved in every checkpoint: the model/optimiser/scheduler state,
+every RNG state, and the data position (epoch, batches done). The sample order is a function of
+(seed, epoch) and each sample's augmentation a function of (seed, epoch, index), so a resumed run
+sees the same batches as one that never stopped, whatever the number of loader workers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
+
+from hcral import distributed as D
+from hcral.config import Config, config_to_dict, save_config
+from hcral.data import CocoDataset, SyntheticShapes, VOCDataset, build_transforms, collate
+from hcral.engine import evaluate, train_one_epoch
+from hcral.models.build import build_model
+from hcral.models.detector import Detector
+from hcral.utils import rng_state, seed_everything, set_rng_state, torch_save_atomic, write_text_atomic
+
+# Pad inputs to a multiple of this: the coarsest backbone stride (C5, 32), as MMDetection pads.
+SIZE_DIVISOR = 32
+CHECKPOINT = "checkpoint.pt"
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+def build_dataset(cfg: Config, *, train: bool) -> Dataset:
+    d = cfg.data
+    transforms = build_transforms(train=train, short_side=d.short_side, max_side=d.max_side, flip_prob=d.flip_prob)
+    if d.dataset == "synthetic":
+        size = (d.synthetic_size, d.synthetic_size)
+        if train:
+            return SyntheticShapes(
+                d.synthetic_train, image_size=size, num_classes=d.synthetic_classes, seed=d.synthetic_seed,
+                transforms=transforms,
+            )
+        # Validation images come from a seed range the training set never uses.
+        return SyntheticShapes(
+            d.synthetic_val, image_size=size, num_classes=d.synthetic_classes,
+            seed=d.synthetic_seed + 1_000_003, transforms=transforms,
+        )
+    if d.dataset == "voc":
+        split = d.train_split if train else d.val_split
+        return VOCDataset(d.root, split, class_names=d.class_names, transforms=transforms)
+    ann, images = (d.train_ann, d.train_images) if train else (d.val_ann, d.val_images)
+    return CocoDataset(ann, images, transforms=transforms)
+
+
+class SeededAugmentation(Dataset):
+    """Makes each sample's random augmentation a function of (seed, epoch, index)."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+            return self.dataset[index]
+
+
+class ResumableSampler(Sampler[int]):
+    """Shuffled (seed, epoch) order, sharded over ranks, able to start mid-epoch.
+
+    With ``pad=True`` (training) the order is padded by repetition so every rank gets as many
+    samples; evaluation uses ``pad=False`` so no image is counted twice.
+    """
+
+    def __init__(self, size: int, *, shuffle: bool, seed: int = 0, pad: bool = True) -> None:
+        self.size, self.shuffle, self.seed, self.pad = size, shuffle, seed, pad
+        self.rank, self.world = D.get_rank(), D.get_world_size()
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def _indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.size, generator=g).tolist()
+        else:
+            order = list(range(self.size))
+        if self.pad and self.size and len(order) % self.world:
+            order += order[: self.world - len(order) % self.world]
+        return order[self.rank :: self.world]
+
+    def __iter__(self):
+        return iter(self._indices()[self.start :])
+
+    def __len__(self) -> int:
+        return max(len(self._indices()) - self.start, 0)
+
+
+def make_loader(dataset: Dataset, sampler: Sampler, batch_size: int, num_workers: int) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_sampler=BatchSampler(sampler, batch_size, drop_last=False),
+        num_workers=num_workers,
+        collate_fn=lambda batch: collate(batch, size_divisor=SIZE_DIVISOR),
+        persistent_workers=False,  # workers re-read the epoch of SeededAugmentation at each epoch
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimiser and schedule
+# ---------------------------------------------------------------------------------------------
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module, iters_per_epoch: int):
+    t = cfg.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+
+    def factor(it: int) -> float:
+        # Linear warm-up from warmup_ratio (as MMDetection), then ×lr_gamma at each epoch in lr_steps.
+        warm = 1.0
+        if it < t.warmup_iters:
+            warm = t.warmup_ratio + (1 - t.warmup_ratio) * it / t.warmup_iters
+        epoch = it // max(iters_per_epoch, 1)
+        return warm * t.lr_gamma ** sum(epoch >= s for s in t.lr_steps)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return optimizer, scheduler
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def unwrap(model: torch.nn.Module) -> Detector:
+    return model.module if hasattr(model, "module") else model
+
+
+def save_checkpoint(path: Path, **state: Any) -> None:
+    """Everything a resume needs, written atomically (temp file + rename)."""
+    torch_save_atomic(state, path)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file
+        raise RuntimeError(f"{path}: not a readable hcral checkpoint ({e})") from e
+
+
+def load_model_weights(model: Detector, path: str | Path) -> dict[str, Any]:
+    ckpt = load_checkpoint(path)
+    if "model" not in ckpt:
+        raise RuntimeError(f"{path}: no 'model' entry; keys are {sorted(ckpt)}")
+    model.load_state_dict(ckpt["model"])
+    return ckpt
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging
+# ---------------------------------------------------------------------------------------------
+
+
+class JsonlLog:
+    """Appends one JSON object per logged step; the file survives crashes line by line."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True, unit="it", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# Train / evaluate / predict
+# ---------------------------------------------------------------------------------------------
+
+
+def train(cfg: Config, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train as the config says; returns the last metrics (or {} if evaluation is off)."""
+    device = resolve_device(cfg.train.device)
+    D.init_from_env(device)
+    main = D.is_main_process()
+    out = Path(cfg.out_dir)
+    ckpt_path = out / CHECKPOINT
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+
+    seed_everything(cfg.train.seed + D.get_rank())
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    train_set = build_dataset(cfg, train=True)
+    val_set = build_dataset(cfg, train=False)
+    train_data = SeededAugmentation(train_set, cfg.train.seed)
+    sampler = ResumableSampler(len(train_set), shuffle=True, seed=cfg.train.seed)
+    iters_per_epoch = math.ceil(len(sampler) / cfg.data.batch_size)
+    if iters_per_epoch == 0:
+        raise ValueError(f"the training set is empty ({type(train_set).__name__})")
+
+    model = build_model(cfg, train_set.num_classes).to(device)
+    use_cl = cfg.train.channels_last and device.type == "cuda"
+    if use_cl:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer, scheduler = build_optimizer(cfg, model, iters_per_epoch)
+    epoch, batches_done, global_iter = 0, 0, 0
+    if resume and ckpt_path.is_file():
+        ckpt = load_checkpoint(ckpt_path)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        set_rng_state(ckpt["rng"][min(D.get_rank(), len(ckpt["rng"]) - 1)])
+        epoch, batches_done, global_iter = ckpt["epoch"], ckpt["batches_done"], ckpt["global_iter"]
+        if batches_done >= iters_per_epoch:
+            epoch, batches_done = epoch + 1, 0
+    if D.is_dist():
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    total_iters = iters_per_epoch * cfg.train.epochs
+    if cfg.train.max_iters is not None:
+        total_iters = min(total_iters, cfg.train.max_iters)
+    log = JsonlLog(out / "log.jsonl", main)
+    metrics: dict[str, Any] = {}
+    position = {"epoch": epoch, "batches_done": batches_done, "global_iter": global_iter}
+
+    def checkpoint() -> None:
+        states = D.all_gather_objects(rng_state())
+        if main:
+            save_checkpoint(
+                ckpt_path, model=unwrap(model).state_dict(), optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(), rng=states, config=config_to_dict(cfg),
+                class_names=list(train_set.class_names), cat_ids=list(train_set.cat_ids), **position,
+            )
+
+    bar = _progress(total_iters, global_iter, progress and main)
+    started = time.perf_counter()
+    steps_this_run = 0
+
+    def on_step(record: dict[str, Any]) -> bool:
+        nonlocal steps_this_run
+        position["global_iter"] += 1
+        position["batches_done"] += 1
+        steps_this_run += 1
+        it = position["global_iter"]
+        rate = (time.perf_counter() - started) / steps_this_run
+        record.update(iter=it, epoch=position["epoch"], eta_s=round(rate * (total_iters - it), 1))
+        if it % cfg.train.log_interval == 0 or it == total_iters:
+            log.write(record)
+        bar.update(1)
+        bar.set_postfix({k[5:] if k.startswith("loss_") else k: f"{v:.3f}" for k, v in record.items() if k.startswith("loss")})
+        if cfg.train.checkpoint_iters and it % cfg.train.checkpoint_iters == 0:
+            checkpoint()
+        return it >= total_iters
+
+    try:
+        while position["epoch"] < cfg.train.epochs and position["global_iter"] < total_iters:
+            e = position["epoch"]
+            sampler.set_epoch(e, start=position["batches_done"] * cfg.data.batch_size)
+            train_data.epoch = e
+            loader = make_loader(train_data, sampler, cfg.data.batch_size, cfg.data.num_workers)
+            train_one_epoch(
+                model, loader, optimizer, scheduler, device, grad_clip=cfg.train.grad_clip,
+                amp=cfg.train.amp, channels_last=use_cl, on_step=on_step,
+            )
+            epoch_done = position["batches_done"] >= iters_per_epoch
+            if epoch_done:
+                position["epoch"], position["batches_done"] = e + 1, 0
+            finished = position["global_iter"] >= total_iters or position["epoch"] >= cfg.train.epochs
+            if finished or (epoch_done and cfg.train.checkpoint_interval and (e + 1) % cfg.train.checkpoint_interval == 0):
+                checkpoint()
+            if finished or (epoch_done and cfg.train.eval_interval and (e + 1) % cfg.train.eval_interval == 0):
+                metrics = run_evaluation(cfg, unwrap(model), val_set, device, out)
+                if main and metrics:
+                    log.write({"iter": position["global_iter"], "epoch": e, **{f"val_{k}": v for k, v in metrics.items()}})
+            if finished:
+                break
+    finally:
+        bar.close()
+    return metrics
+
+
+def run_evaluation(cfg: Config, model: Detector, dataset: Dataset, device: torch.device, out: Path) -> dict[str, float]:
+    """Evaluate, write metrics.json and detections.json (COCO results) into ``out``."""
+    sampler = ResumableSampler(len(dataset), shuffle=False, pad=False)
+    loader = make_loader(dataset, sampler, cfg.eval.batch_size, cfg.data.num_workers)
+    metrics, detections = evaluate(model, loader, dataset, device, amp=cfg.train.amp)
+    if D.is_main_process() and metrics is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
+        write_text_atomic(out / "detections.json", json.dumps(detections))
+    return metrics or {}
+
+
+def evaluate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, float]:
+    device = resolve_device(cfg.train.device)
+    D.init_from_env(device)
+    dataset = build_dataset(cfg, train=False)
+    model = build_model(cfg, dataset.num_classes).to(device)
+    load_model_weights(model, checkpoint)
+    out = Path(cfg.out_dir)
+    if D.is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    return run_evaluation(cfg, model, dataset, device, out)
+
+
+def predict(cfg: Config, checkpoint: str | Path, images: list[str | Path], out_dir: str | Path) -> list[dict]:
+    """Detect objects in image files; writes ``predictions.json`` (COCO results, original pixels,
+    with ``file_name``) and one PNG per image with the boxes drawn into ``out_dir``."""
+    from PIL import Image
+
+    from hcral.data.transforms import to_rgb
+    from hcral.evaluation import detections_to_coco
+    from hcral.visualize import draw_detections
+
+    device = resolve_device(cfg.train.device)
+    ckpt = load_checkpoint(checkpoint)
+    class_names, cat_ids = ckpt.get("class_names"), ckpt.get("cat_ids")
+    if not class_names:
+        raise RuntimeError(f"{checkpoint}: no class names stored; was it written by 'hcral train'?")
+    model = build_model(cfg, len(class_names)).to(device)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    transforms = build_transforms(train=False, short_side=cfg.data.short_side, max_side=cfg.data.max_side)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results: list[dict] = []
+    for image_id, path in enumerate(images):
+        path = Path(path)
+        try:
+            with Image.open(path) as im:
+                image = to_rgb(im)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: cannot read image ({e})") from e
+        tensor, info = transforms(image, None)
+        batch, _ = collate([(tensor, {"size": tuple(tensor.shape[-2:])})], size_divisor=SIZE_DIVISOR)
+        det = model(batch.to(device), image_sizes=[tuple(tensor.shape[-2:])])[0]
+        scale = tensor.shape[-1] / image.width
+        dets = detections_to_coco(image_id, det["boxes"].cpu(), det["scores"].cpu(), det["labels"].cpu(), cat_ids, scale)
+        for d in dets:
+            d["file_name"] = path.name
+        results.extend(dets)
+        draw_detections(image, dets, class_names, cat_ids).save(out / f"{path.stem}.png")
+    write_text_atomic(out / "predictions.json", json.dumps(results))
+    return results
