@@ -341,9 +341,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, float]
 def predict(cfg: Config, checkpoint: str | Path, images: list[str | Path], out_dir: str | Path) -> list[dict]:
     """Detect objects in image files; writes ``predictions.json`` (COCO results, original pixels,
     with ``file_name``) and one PNG per image with the boxes drawn into ``out_dir``."""
-    from PIL import Image
-
-    from hcral.data.transforms import to_rgb
+    from hcral.data import empty_target, load_image
     from hcral.evaluation import detections_to_coco
     from hcral.visualize import draw_detections
 
@@ -361,16 +359,13 @@ def predict(cfg: Config, checkpoint: str | Path, images: list[str | Path], out_d
     results: list[dict] = []
     for image_id, path in enumerate(images):
         path = Path(path)
-        try:
-            with Image.open(path) as im:
-                image = to_rgb(im)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{path}: cannot read image ({e})") from e
-        tensor, info = transforms(image, None)
-        batch, _ = collate([(tensor, {"size": tuple(tensor.shape[-2:])})], size_divisor=SIZE_DIVISOR)
-        det = model(batch.to(device), image_sizes=[tuple(tensor.shape[-2:])])[0]
-        scale = tensor.shape[-1] / image.width
-        dets = detections_to_coco(image_id, det["boxes"].cpu(), det["scores"].cpu(), det["labels"].cpu(), cat_ids, scale)
+        image = load_image(path)  # DatasetError naming the file if it is missing or unreadable
+        tensor, info = transforms(image, empty_target(image.height, image.width, image_id=image_id))
+        batch, _ = collate([(tensor, info)], size_divisor=SIZE_DIVISOR)
+        det = model(batch.to(device), image_sizes=[info["size"]])[0]
+        dets = detections_to_coco(
+            image_id, det["boxes"].cpu(), det["scores"].cpu(), det["labels"].cpu(), cat_ids, info["scale_factor"]
+        )
         for d in dets:
             d["file_name"] = path.name
         results.extend(dets)

@@ -20,7 +20,8 @@ Conventions shared by every transform here and every dataset in :mod:`hcral.data
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,17 +38,23 @@ __all__ = [
     "Normalize",
     "build_transforms",
     "clip_and_drop_boxes",
+    "clip_boxes",
     "empty_target",
+    "horizontal_flip",
     "image_size",
     "to_rgb",
 ]
 
-# ImageNet statistics in the 0..1 scale (the ones torchvision/timm ResNet weights were trained with).
+# ImageNet statistics, 0..1 scale (what torchvision/timm ResNet weights were trained with).
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 Target = dict[str, Any]
 ImageLike = Image.Image | torch.Tensor
+
+# Pillow < 9.1 has the enums on the Image module itself.
+_RESAMPLING = getattr(Image, "Resampling", Image)
+_TRANSPOSE = getattr(Image, "Transpose", Image)
 
 # 16-bit grey images are brought to 8 bits by this divisor (65535 / 255).
 _UINT16_TO_UINT8 = 257.0
@@ -85,10 +92,8 @@ def image_size(image: ImageLike) -> tuple[int, int]:
     raise TypeError(f"expected a PIL image or a torch.Tensor, got {type(image).__name__}")
 
 
-def empty_target(
-    height: int, width: int, *, image_id: int = 0, file_name: str = ""
-) -> Target:
-    """A target with no objects for an image of ``(height, width)`` pixels (negatives, prediction)."""
+def empty_target(height: int, width: int, *, image_id: int = 0, file_name: str = "") -> Target:
+    """A target without objects for an image of ``(height, width)`` pixels (negatives, predict)."""
     return {
         "boxes": torch.zeros((0, 4), dtype=torch.float32),
         "labels": torch.zeros((0,), dtype=torch.int64),
@@ -102,6 +107,15 @@ def empty_target(
     }
 
 
+def clip_boxes(boxes: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip ``boxes (M, 4)`` to ``[0, width] x [0, height]``; also return the mask ``(M,)`` of the
+    boxes whose width and height stay > 0."""
+    limits = torch.tensor([width, height, width, height], dtype=boxes.dtype)
+    clipped = torch.minimum(boxes.clamp(min=0.0), limits)  # (M, 4)
+    keep = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])  # (M,)
+    return clipped, keep
+
+
 def clip_and_drop_boxes(target: Target, height: int, width: int) -> Target:
     """Clip ``boxes`` and ``ignore_boxes`` to ``[0, width] x [0, height]`` and drop the ones whose
     width or height is <= 0 afterwards (``labels`` are dropped with their boxes).
@@ -109,14 +123,11 @@ def clip_and_drop_boxes(target: Target, height: int, width: int) -> Target:
     Returns a new dict; the input is not modified.
     """
     out = dict(target)
-    limits = torch.tensor([width, height, width, height], dtype=torch.float32)
     for key, label_key in (("boxes", "labels"), ("ignore_boxes", None)):
         if key not in out:
             continue
-        boxes = out[key]  # (M, 4)
-        boxes = torch.minimum(boxes.clamp(min=0.0), limits)
-        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # (M,)
-        out[key] = boxes[keep]
+        clipped, keep = clip_boxes(out[key], height, width)
+        out[key] = clipped[keep]
         if label_key is not None and label_key in out:
             out[label_key] = out[label_key][keep]
     return out
@@ -139,13 +150,14 @@ class Compose:
 
 
 class ResizeKeepRatio:
-    """Resize keeping the aspect ratio so the short side becomes ``short_side`` unless the long side
-    would exceed ``max_side`` (MMDetection's ``Resize(scale=(max_side, short_side), keep_ratio=True)``).
+    """Resize keeping the aspect ratio so the short side becomes ``short_side`` unless the long
+    side would exceed ``max_side``, as MMDetection's
+    ``Resize(scale=(max_side, short_side), keep_ratio=True)``.
 
     ``scale = min(short_side / min(h, w), max_side / max(h, w))``, new size
-    ``(int(h * scale + 0.5), int(w * scale + 0.5))``; images are upscaled as well as downscaled.
-    Boxes are multiplied by ``scale`` in both axes (MMDetection uses the per-axis ratio of the
-    rounded sizes instead, which differs by under half a pixel) so that dividing by
+    ``(int(h * scale + 0.5), int(w * scale + 0.5))``, at least 1; images are upscaled as well as
+    downscaled. Boxes are multiplied by ``scale`` in both axes (MMDetection uses the per-axis
+    ratio of the rounded sizes instead, which differs by under half a pixel) so that dividing by
     ``target["scale_factor"]`` maps predictions back to original pixels exactly; they are then
     clipped to the new image. Bilinear interpolation (antialiased when shrinking).
 
@@ -172,8 +184,10 @@ class ResizeKeepRatio:
     def __call__(self, image: ImageLike, target: Target | None = None) -> tuple[Any, Target | None]:
         height, width = image_size(image)
         scale = self.get_scale(height, width)
-        # Round half up, as MMDetection's rescale_size does.
-        new_h, new_w = int(height * scale + 0.5), int(width * scale + 0.5)
+        # Round half up, as MMDetection's rescale_size does; keep at least one pixel for extreme
+        # aspect ratios.
+        new_h = max(1, int(height * scale + 0.5))
+        new_w = max(1, int(width * scale + 0.5))
         image = _resize(image, new_h, new_w)
         if target is None:
             return image, None
@@ -193,7 +207,7 @@ def _resize(image: ImageLike, new_h: int, new_w: int) -> ImageLike:
         if (image.height, image.width) == (new_h, new_w):
             return image
         # PIL's bilinear filter widens its support when shrinking (antialiasing).
-        return image.resize((new_w, new_h), resample=Image.Resampling.BILINEAR)
+        return image.resize((new_w, new_h), resample=_RESAMPLING.BILINEAR)
     if tuple(image.shape[-2:]) == (new_h, new_w):
         return image
     dtype = image.dtype
@@ -236,10 +250,10 @@ class RandomHorizontalFlip:
 
 
 def horizontal_flip(image: ImageLike, target: Target | None) -> tuple[Any, Target | None]:
-    """Deterministic left-right mirror of ``image`` and ``target`` (see :class:`RandomHorizontalFlip`)."""
+    """Left-right mirror of ``image`` and ``target`` (see :class:`RandomHorizontalFlip`)."""
     _, width = image_size(image)
     if isinstance(image, Image.Image):
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        image = image.transpose(_TRANSPOSE.FLIP_LEFT_RIGHT)
     else:
         image = torch.flip(image, dims=[-1])
     if target is None:
@@ -261,7 +275,9 @@ class ToTensor:
     repeated to 3, 2 channels (grey + alpha) use the grey one, 4 channels drop the alpha one.
     """
 
-    def __call__(self, image: ImageLike, target: Target | None = None) -> tuple[torch.Tensor, Target | None]:
+    def __call__(
+        self, image: ImageLike, target: Target | None = None
+    ) -> tuple[torch.Tensor, Target | None]:
         if isinstance(image, Image.Image):
             array = np.asarray(to_rgb(image), dtype=np.uint8)  # (H, W, 3)
             tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).to(torch.float32) / _UINT8_MAX
@@ -308,7 +324,9 @@ class Normalize:
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
 
-    def __call__(self, image: torch.Tensor, target: Target | None = None) -> tuple[torch.Tensor, Target | None]:
+    def __call__(
+        self, image: torch.Tensor, target: Target | None = None
+    ) -> tuple[torch.Tensor, Target | None]:
         if not isinstance(image, torch.Tensor) or not image.dtype.is_floating_point:
             raise TypeError("Normalize expects a float tensor (3, H, W); apply ToTensor first")
         return (image - self.mean.to(image.dtype)) / self.std.to(image.dtype), target

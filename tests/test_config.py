@@ -1,0 +1,72 @@
+"""The typed config: YAML loading, --set overrides, and errors that list the valid keys/values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hcral.config import Config, ConfigError, apply_overrides, load_config
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+
+
+def test_defaults_are_the_paper_schedule():
+    cfg = Config()
+    assert (cfg.train.lr, cfg.train.momentum, cfg.train.weight_decay) == (0.01, 0.9, 1e-4)
+    assert (cfg.train.warmup_iters, cfg.train.lr_steps, cfg.train.epochs) == (500, [8, 11], 12)
+    assert (cfg.data.short_side, cfg.data.max_side) == (800, 1333)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.out_dir
+
+
+def test_overrides_parse_by_field_type():
+    cfg = load_config(overrides=[
+        "model.detector=atss", "train.lr=0.02", "data.root=2017", "train.lr_steps=[3, 4]",
+        "train.max_iters=null", "train.grad_clip=35", "loss.hcra_cls_rci=false",
+    ])
+    assert cfg.model.detector == "atss"
+    assert cfg.train.lr == 0.02
+    assert cfg.data.root == "2017"  # a string field keeps the text
+    assert cfg.train.lr_steps == [3, 4]
+    assert cfg.train.max_iters is None
+    assert cfg.train.grad_clip == 35.0 and isinstance(cfg.train.grad_clip, float)
+    assert cfg.loss.hcra_cls_rci is False
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.detectr=atss", "valid keys: model.detector"),
+        ("foo=1", "valid keys: model, loss"),
+        ("model.detector=yolo", "'retinanet', 'atss', 'fcos_atss'"),
+        ("train.lr=abc", "train.lr: expected a number"),
+        ("train.epochs=1.5", "train.epochs: expected an integer"),
+        ("loss.hcra_cls_cf=maybe", "expected true or false"),
+        ("train.lr", "must look like key=value"),
+        ("model.detector.x=1", "has no sub-keys"),
+    ],
+)
+def test_bad_overrides_name_the_key_and_the_choices(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        apply_overrides(Config(), [override])
+
+
+def test_yaml_typo_names_the_file_and_the_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  detecter: atss\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: unknown key 'model\.detecter'; valid keys: model\.detector"):
+        load_config(path)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(bad)
