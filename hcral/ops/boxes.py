@@ -87,10 +87,10 @@ def box_iou(boxes1: Tensor, boxes2: Tensor, *, eps: float = EPS) -> Tensor:
     """
     boxes1, boxes2 = _upcast(boxes1), _upcast(boxes2)
     area1, area2 = box_area(boxes1), box_area(boxes2)
-    lt = torch.maximum(boxes1[:, None, :2], boxes2[None, :, :2])  # (N, M, 2)
-    rb = torch.minimum(boxes1[:, None, 2:], boxes2[None, :, 2:])
-    wh = (rb - lt).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
+    # Width and height of the overlap separately: no (N, M, 2) temporaries.
+    inter_w = (torch.minimum(boxes1[:, None, 2], boxes2[None, :, 2]) - torch.maximum(boxes1[:, None, 0], boxes2[None, :, 0])).clamp_(min=0)
+    inter_h = (torch.minimum(boxes1[:, None, 3], boxes2[None, :, 3]) - torch.maximum(boxes1[:, None, 1], boxes2[None, :, 1])).clamp_(min=0)
+    inter = inter_w.mul_(inter_h)
     union = area1[:, None] + area2[None, :] - inter
     return inter / union.clamp(min=eps)
 

@@ -1,0 +1,1 @@
+"""Detection models: backbones, FPN, prior generators, box coders, heads and detectors."""
