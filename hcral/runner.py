@@ -13,7 +13,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -110,13 +110,16 @@ class ResumableSampler(Sampler[int]):
         return max(len(self._indices()) - self.start, 0)
 
 
-def make_loader(dataset: Dataset, sampler: Sampler, batch_size: int, num_workers: int) -> DataLoader:
+def make_loader(dataset: Dataset, sampler: Sampler, batch_size: int, num_workers: int, seed: int = 0) -> DataLoader:
     return DataLoader(
         dataset,
         batch_sampler=BatchSampler(sampler, batch_size, drop_last=False),
         num_workers=num_workers,
-        collate_fn=lambda batch: collate(batch, size_divisor=SIZE_DIVISOR),
+        collate_fn=partial(collate, size_divisor=SIZE_DIVISOR),  # picklable for any worker start method
         persistent_workers=False,  # workers re-read the epoch of SeededAugmentation at each epoch
+        # Worker seeds come from this generator, not the global RNG, so building a loader (at a
+        # resume, or for evaluation) leaves the training RNG stream untouched.
+        generator=torch.Generator().manual_seed(seed),
     )
 
 
@@ -291,7 +294,7 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True) -> dict[s
             e = position["epoch"]
             sampler.set_epoch(e, start=position["batches_done"] * cfg.data.batch_size)
             train_data.epoch = e
-            loader = make_loader(train_data, sampler, cfg.data.batch_size, cfg.data.num_workers)
+            loader = make_loader(train_data, sampler, cfg.data.batch_size, cfg.data.num_workers, seed=cfg.train.seed + e)
             train_one_epoch(
                 model, loader, optimizer, scheduler, device, grad_clip=cfg.train.grad_clip,
                 amp=cfg.train.amp, channels_last=use_cl, on_step=on_step,

@@ -124,7 +124,9 @@ class DenseHead(nn.Module):
         self.num_base_priors = num_base_priors
         self.loss_cfg = loss or LossConfig()
         self.test_cfg = test or EvalConfig()
-        gn_groups = math.gcd(gn_groups, feat_channels)
+        # At least 8 channels a group, as the reference's GN(32) over 256 channels: one channel a
+        # group would make GN undefined on the 1x1 P7 map of a small input.
+        gn_groups = math.gcd(min(gn_groups, max(feat_channels // 8, 1)), feat_channels)
         self.cls_tower = _tower(in_channels, feat_channels, num_convs, self.group_norm, gn_groups)
         self.reg_tower = _tower(in_channels, feat_channels, num_convs, self.group_norm, gn_groups)
         self.cls_out = nn.Conv2d(feat_channels, num_base_priors * num_classes, 3, padding=1)

@@ -1,0 +1,421 @@
+"""HCRA-C and HCRA-R: the two halves of HCRAL (Huang et al., arXiv:2408.17182).
+
+Implements ``docs/method.md`` §2-§4 (the shared formulation page). Notation (§1):
+
+- ``p = σ(x)`` the score, ``p*`` the binary target, ``u`` the IoU each (prior, class) is held to
+  (computed by the caller from detached boxes), all ``(N, C)`` for HCRA-C;
+- for HCRA-R: aligned predicted / target boxes ``(P, 4)``, ``s`` the score of each positive at its
+  class ``(P,)``, ``q = IoU(b, g)`` and ``h`` the head's own regression weight ``(P,)``.
+
+Every weight (β, ω, w, ρ, t, and h) is detached: gradients flow only through ``BCE`` and ``L_GIoU``.
+Weights are computed in float32 at least.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from hcral.losses._reduction import check_boxes, check_ndim, check_shape, upcast
+from hcral.losses.ghm import check_ghm_hparams, ghm_beta, weighted_bce_loss
+from hcral.ops.boxes import EPS, AlignedBoxTerms, aligned_box_terms, diou_penalty_from_terms, giou_from_terms
+
+# §4: guards the denominator max(Σ ρ·t·h, ε) against 0/0 only (no positives, or all h = 0). Any
+# positive sum above it is used as is, so the weights keep their role of redistributing emphasis
+# among positives; the same guard as MMDetection's FCOS centerness denominator.
+HCRA_REG_EPS = 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# §2, RCI
+# ---------------------------------------------------------------------------------------------
+
+
+def rci(scores: Tensor, ious: Tensor, *, alpha: float = -0.1) -> Tensor:
+    """§2, residual of classification and IoU: ``r = p - u - α`` (detached, float32 at least).
+
+    Region 1 is ``r > 0`` (score ahead of localisation), region 2 is ``r <= 0``; the boundary is the
+    line ``score = IoU + α``.
+    """
+    return upcast(scores.detach()) - upcast(ious.detach()) - alpha
+
+
+# ---------------------------------------------------------------------------------------------
+# §3, HCRA-C
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_cls_hparams(mu: float, *, where: str) -> None:
+    if not 0.0 <= mu <= 1.0:
+        raise ValueError(f"{where}: mu must be in [0, 1] (keeps ω in [0, 2]), got {mu!r}")
+
+
+def _check_cls_inputs(logits: Tensor, targets: Tensor, ious: Tensor, valid: Tensor | None, *, where: str) -> None:
+    check_ndim("logits", logits, 2, where=where, layout="(N, C)")
+    check_shape("targets", targets, tuple(logits.shape), where=where)
+    check_shape("ious", ious, tuple(logits.shape), where=where)
+    if valid is not None:
+        check_shape("valid", valid, (logits.shape[0],), where=where)
+
+
+@torch.no_grad()
+def _cls_weights(
+    logits: Tensor,
+    targets: Tensor,
+    ious: Tensor,
+    valid: Tensor | None,
+    *,
+    alpha: float,
+    theta: float,
+    mu: float,
+    bins: int,
+    use_rci: bool,
+    use_cf: bool,
+    momentum: float,
+    acc_sum: Tensor | None,
+    sync_counts: bool,
+    where: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(β, ω, w, normaliser T) of §3, all detached, in float32 at least."""
+    x = upcast(logits.detach())
+    t = targets.to(x.dtype)
+    u = ious.detach().to(x.dtype)
+    p = torch.sigmoid(x)
+    # §3, β: GHM-C harmonising weight from g = |p - p*|; T = number of valid elements.
+    beta, normaliser = ghm_beta(
+        (p - t).abs(), valid, bins=bins, momentum=momentum, acc_sum=acc_sum, sync_counts=sync_counts, where=where
+    )
+    # §3, ω (CF_cls): 1 + (2p* - 1)·u·(u - μ)²; 1 - u(u - μ)² for negatives, 1 + u(u - μ)² for positives.
+    omega = 1 + (2 * t - 1) * u * (u - mu) ** 2 if use_cf else torch.ones_like(x)
+    # §3, w (RCI_cls): 2σ(θ·s·r), s = 1 - 2p* (+1 negatives, -1 positives); torch.sigmoid is stable.
+    w = 2 * torch.sigmoid(theta * (1 - 2 * t) * rci(p, u, alpha=alpha)) if use_rci else torch.ones_like(x)
+    return beta, omega, w, normaliser
+
+
+def cls_weights(
+    logits: Tensor,
+    targets: Tensor,
+    ious: Tensor,
+    valid: Tensor | None = None,
+    *,
+    alpha: float = -0.1,
+    theta: float = 2.0,
+    mu: float = 0.5,
+    bins: int = 10,
+    use_rci: bool = True,
+    use_cf: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The HCRA-C weights ``(β, ω, w)``, each ``(N, C)`` and detached (§3), for analysis and plots.
+
+    β is computed without momentum (``β = T / n_b`` divided by the number of non-empty bins); ω is 1
+    when ``use_cf=False`` and w is 1 when ``use_rci=False``. Invalid priors get β = 0.
+    """
+    where = "cls_weights"
+    _check_cls_inputs(logits, targets, ious, valid, where=where)
+    _check_cls_hparams(mu, where=where)
+    beta, omega, w, _ = _cls_weights(
+        logits, targets, ious, valid, alpha=alpha, theta=theta, mu=mu, bins=bins, use_rci=use_rci,
+        use_cf=use_cf, momentum=0.0, acc_sum=None, sync_counts=False, where=where,
+    )  # fmt: skip
+    return beta, omega, w
+
+
+def _hcra_cls_loss(
+    logits: Tensor,
+    targets: Tensor,
+    ious: Tensor,
+    valid: Tensor | None,
+    *,
+    alpha: float,
+    theta: float,
+    mu: float,
+    bins: int,
+    use_rci: bool,
+    use_cf: bool,
+    momentum: float,
+    acc_sum: Tensor | None,
+    sync_counts: bool,
+    where: str,
+) -> Tensor:
+    """§3: ``(1/T) Σ_{valid i, k} β·ω·w·BCE(x, p*)``; shared by the function and the module."""
+    _check_cls_inputs(logits, targets, ious, valid, where=where)
+    _check_cls_hparams(mu, where=where)
+    x = upcast(logits)
+    t = targets.to(x.dtype)
+    beta, omega, w, normaliser = _cls_weights(
+        x, t, ious, valid, alpha=alpha, theta=theta, mu=mu, bins=bins, use_rci=use_rci, use_cf=use_cf,
+        momentum=momentum, acc_sum=acc_sum, sync_counts=sync_counts, where=where,
+    )  # fmt: skip
+    # With ω ≡ w ≡ 1 the weight is β bit for bit, so the loss is ghmc_loss exactly (§3, reductions).
+    return weighted_bce_loss(x, t, beta * omega * w, normaliser, where=where)
+
+
+def hcra_cls_loss(
+    logits: Tensor,
+    targets: Tensor,
+    ious: Tensor,
+    valid: Tensor | None = None,
+    *,
+    alpha: float = -0.1,
+    theta: float = 2.0,
+    mu: float = 0.5,
+    bins: int = 10,
+    use_rci: bool = True,
+    use_cf: bool = True,
+) -> Tensor:
+    """HCRA-C, the classification loss of HCRAL (§3)::
+
+        L_cls = (1/T) Σ_{valid i, k} β·ω·w·BCE(x, p*)
+        β: GHM-C weight (no momentum here: T / n_b over the non-empty bins)
+        ω = 1 + (2p* - 1)·u·(u - μ)²                    (CF_cls, use_cf)
+        w = 2σ(θ·s·r), s = 1 - 2p*, r = p - u - α       (RCI_cls, use_rci)
+
+    Args:
+        logits: ``(N, C)`` sigmoid logits x (fp16/bf16 are upcast; BCE in float32 at least).
+        targets: ``(N, C)`` p* in {0, 1}.
+        ious: ``(N, C)`` u in [0, 1] (§1; detached here).
+        valid: ``(N,)`` bool mask of non-ignored priors, or None for all.
+        alpha, theta, mu, bins: §6 hyperparameters.
+        use_rci, use_cf: switch w and ω (both off: exactly :func:`~hcral.losses.ghm.ghmc_loss`).
+
+    Returns:
+        A scalar normalised by T (the number of valid elements, at least 1). Empty input or a mask
+        that excludes everything gives a zero that stays in the autograd graph.
+    """
+    return _hcra_cls_loss(
+        logits, targets, ious, valid, alpha=alpha, theta=theta, mu=mu, bins=bins, use_rci=use_rci,
+        use_cf=use_cf, momentum=0.0, acc_sum=None, sync_counts=False, where="hcra_cls_loss",
+    )  # fmt: skip
+
+
+class HCRAClassificationLoss(nn.Module):
+    """HCRA-C (§3) with the GHM moving average of the bin counts.
+
+    ``acc_sum (bins,)`` is a registered buffer: saved in checkpoints, moved by ``.to(device)``,
+    registered even when ``momentum == 0`` so that checkpoints have the same keys. As MMDetection's
+    ``GHMC``, it is updated on every call with momentum > 0, in training and eval mode alike; call the
+    loss only in training if a validation pass must not advance it.
+
+    ``sync_counts=True``: when torch.distributed is initialised the bin counts and T are summed over
+    processes (one ``all_reduce`` per call), so β and the moving average are the global batch's on
+    every rank, and each rank's loss is normalised by ``T_global / world_size`` (the mean over ranks
+    equals the single-process loss of the whole batch). Without an initialised process group it is a
+    no-op. All ranks must call the loss the same number of times (as for any collective).
+    """
+
+    acc_sum: Tensor
+
+    def __init__(
+        self,
+        *,
+        alpha: float = -0.1,
+        theta: float = 2.0,
+        mu: float = 0.5,
+        bins: int = 10,
+        momentum: float = 0.75,
+        use_rci: bool = True,
+        use_cf: bool = True,
+        loss_weight: float = 1.0,
+        sync_counts: bool = True,
+    ) -> None:
+        super().__init__()
+        where = "HCRAClassificationLoss"
+        check_ghm_hparams(bins, momentum, where=where)
+        _check_cls_hparams(mu, where=where)
+        self.alpha, self.theta, self.mu, self.bins, self.momentum = alpha, theta, mu, bins, momentum
+        self.use_rci, self.use_cf, self.loss_weight, self.sync_counts = use_rci, use_cf, loss_weight, sync_counts
+        self.register_buffer("acc_sum", torch.zeros(bins))
+
+    def forward(self, logits: Tensor, targets: Tensor, ious: Tensor, valid: Tensor | None = None) -> Tensor:
+        loss = _hcra_cls_loss(
+            logits, targets, ious, valid, alpha=self.alpha, theta=self.theta, mu=self.mu, bins=self.bins,
+            use_rci=self.use_rci, use_cf=self.use_cf, momentum=self.momentum,
+            acc_sum=self.acc_sum if self.momentum > 0 else None, sync_counts=self.sync_counts,
+            where="HCRAClassificationLoss",
+        )  # fmt: skip
+        return self.loss_weight * loss
+
+    def extra_repr(self) -> str:
+        return (
+            f"alpha={self.alpha}, theta={self.theta}, mu={self.mu}, bins={self.bins}, momentum={self.momentum}, "
+            f"use_rci={self.use_rci}, use_cf={self.use_cf}, loss_weight={self.loss_weight}, "
+            f"sync_counts={self.sync_counts}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# §4, HCRA-R
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_reg_hparams(alpha: float, ep: float, gamma: float, *, where: str) -> None:
+    if not ep > 0:
+        raise ValueError(f"{where}: ep must be > 0 (it bounds ρ = (s - α + ep)/(q + ep)), got {ep!r}")
+    if not alpha < ep:
+        # ρ's lower bound (-α + ep)/(1 + ep) must stay positive, or weights could be <= 0.
+        raise ValueError(f"{where}: alpha must be < ep so that ρ > 0, got alpha={alpha!r}, ep={ep!r}")
+    if not gamma >= 0:
+        raise ValueError(f"{where}: gamma must be >= 0, got {gamma!r}")
+
+
+def _check_reg_inputs(
+    pred_boxes: Tensor, target_boxes: Tensor, scores: Tensor, weight: Tensor | None, *, where: str
+) -> None:
+    check_boxes("pred_boxes", pred_boxes, where=where)
+    check_shape("target_boxes", target_boxes, tuple(pred_boxes.shape), where=where)
+    check_shape("scores", scores, (pred_boxes.shape[0],), where=where)
+    if weight is not None:
+        check_shape("weight", weight, (pred_boxes.shape[0],), where=where)
+
+
+@torch.no_grad()
+def _reg_weights_from_terms(
+    terms: AlignedBoxTerms,
+    scores: Tensor,
+    *,
+    alpha: float,
+    ep: float,
+    gamma: float,
+    use_rci: bool,
+    use_cf: bool,
+) -> tuple[Tensor, Tensor]:
+    """(ρ, t) of §4 from the box terms of (pred, target), detached."""
+    q = terms.iou.detach()
+    s = scores.detach().to(q.dtype)
+    # §4, ρ (RCI_reg) = (s - α + ep) / (q + ep): > 1 in region 1, < 1 in region 2.
+    rho = (s - alpha + ep) / (q + ep) if use_rci else torch.ones_like(q)
+    if use_cf:
+        # §4, t (CF_reg) = (1 - q + R)^γ, R = δ²/c² (DIoU penalty). The base is >= 0 in exact
+        # arithmetic; the clamp keeps a rounding of q above 1 from giving NaN for fractional γ.
+        difficulty = (1 - q + diou_penalty_from_terms(terms).detach()).clamp(min=0)
+        t = difficulty.pow(gamma)
+    else:
+        t = torch.ones_like(q)
+    return rho, t
+
+
+def reg_weights(
+    pred_boxes: Tensor,
+    target_boxes: Tensor,
+    scores: Tensor,
+    *,
+    alpha: float = -0.1,
+    ep: float = 1.0,
+    gamma: float = 0.0,
+    use_rci: bool = True,
+    use_cf: bool = True,
+    box_eps: float = EPS,
+) -> tuple[Tensor, Tensor]:
+    """The HCRA-R weights ``(ρ, t)``, each ``(P,)`` and detached (§4), for analysis and plots.
+
+    ``ρ = (s - α + ep)/(q + ep)`` (1 when ``use_rci=False``), ``t = (1 - q + ρ²/c²)^γ`` (1 when
+    ``use_cf=False``), with ``q = IoU(pred, target)`` and ``s`` the positive's score.
+    """
+    where = "reg_weights"
+    _check_reg_inputs(pred_boxes, target_boxes, scores, None, where=where)
+    _check_reg_hparams(alpha, ep, gamma, where=where)
+    terms = aligned_box_terms(pred_boxes.detach(), target_boxes.detach(), eps=box_eps)
+    return _reg_weights_from_terms(terms, scores, alpha=alpha, ep=ep, gamma=gamma, use_rci=use_rci, use_cf=use_cf)
+
+
+def hcra_reg_loss(
+    pred_boxes: Tensor,
+    target_boxes: Tensor,
+    scores: Tensor,
+    weight: Tensor | None = None,
+    *,
+    alpha: float = -0.1,
+    ep: float = 1.0,
+    gamma: float = 0.0,
+    use_rci: bool = True,
+    use_cf: bool = True,
+    eps: float = HCRA_REG_EPS,
+    avg_factor: float | Tensor | None = None,
+    box_eps: float = EPS,
+) -> Tensor:
+    """HCRA-R, the regression loss of HCRAL over positives (§4)::
+
+        L_reg = Σ ρ·t·h·L_GIoU(b, g) / max(Σ ρ·t·h, eps)
+        ρ = (s - α + ep) / (q + ep)      (RCI_reg, use_rci)
+        t = (1 - q + δ²/c²)^γ            (CF_reg, use_cf)
+
+    Args:
+        pred_boxes: ``(P, 4)`` decoded xyxy boxes b of the positives (the gradient flows through them).
+        target_boxes: ``(P, 4)`` their assigned ground truths g.
+        scores: ``(P,)`` probability of each positive's class (detached here).
+        weight: ``(P,)`` the head's own weight h (centerness target for ATSS/FCOS, ones for
+            RetinaNet), or None for ones; detached here.
+        alpha, ep, gamma: §6 hyperparameters (γ = 0 makes t ≡ 1, the ATSS setting; §6 suggests 0.5
+            for RetinaNet).
+        eps: ε of the denominator; it only guards 0/0 (no positives, or all h = 0).
+        avg_factor: replaces ``Σ ρ·t·h`` in the denominator, e.g. its mean over DDP processes
+            (§4: "the sum in the denominator is averaged over processes under DDP"); still clamped
+            at ``eps``.
+        box_eps: ε of the box geometry (:func:`~hcral.ops.boxes.aligned_box_terms`).
+
+    Returns:
+        A scalar (float32 at least). With no positives, a zero that stays in the autograd graph.
+    """
+    where = "hcra_reg_loss"
+    _check_reg_inputs(pred_boxes, target_boxes, scores, weight, where=where)
+    _check_reg_hparams(alpha, ep, gamma, where=where)
+    if not eps > 0:
+        raise ValueError(f"{where}: eps must be > 0, got {eps!r}")
+    # One pass of box geometry: L_GIoU keeps the graph, ρ and t read the detached terms.
+    terms = aligned_box_terms(pred_boxes, target_boxes, eps=box_eps)
+    loss = 1 - giou_from_terms(terms)  # (P,), §4 L_GIoU
+    rho, t = _reg_weights_from_terms(terms, scores, alpha=alpha, ep=ep, gamma=gamma, use_rci=use_rci, use_cf=use_cf)
+    h = torch.ones_like(loss) if weight is None else weight.detach().to(loss.dtype)
+    sample_weight = rho * t * h  # (P,), detached
+    if avg_factor is None:
+        denom = sample_weight.sum()
+    elif isinstance(avg_factor, Tensor):
+        denom = avg_factor.detach().to(loss.dtype)
+    else:
+        denom = torch.tensor(float(avg_factor), dtype=loss.dtype, device=loss.device)
+    return (sample_weight * loss).sum() / denom.clamp(min=eps)
+
+
+class HCRARegressionLoss(nn.Module):
+    """Module form of :func:`hcra_reg_loss` (§4); the result is multiplied by ``loss_weight``.
+
+    It keeps no state: under DDP pass ``avg_factor`` (the process-averaged ``Σ ρ·t·h``) to forward.
+    """
+
+    def __init__(
+        self,
+        *,
+        alpha: float = -0.1,
+        ep: float = 1.0,
+        gamma: float = 0.0,
+        use_rci: bool = True,
+        use_cf: bool = True,
+        eps: float = HCRA_REG_EPS,
+        loss_weight: float = 1.0,
+        box_eps: float = EPS,
+    ) -> None:
+        super().__init__()
+        _check_reg_hparams(alpha, ep, gamma, where="HCRARegressionLoss")
+        self.alpha, self.ep, self.gamma, self.use_rci, self.use_cf = alpha, ep, gamma, use_rci, use_cf
+        self.eps, self.loss_weight, self.box_eps = eps, loss_weight, box_eps
+
+    def forward(
+        self,
+        pred_boxes: Tensor,
+        target_boxes: Tensor,
+        scores: Tensor,
+        weight: Tensor | None = None,
+        *,
+        avg_factor: float | Tensor | None = None,
+    ) -> Tensor:
+        loss = hcra_reg_loss(
+            pred_boxes, target_boxes, scores, weight, alpha=self.alpha, ep=self.ep, gamma=self.gamma,
+            use_rci=self.use_rci, use_cf=self.use_cf, eps=self.eps, avg_factor=avg_factor, box_eps=self.box_eps,
+        )  # fmt: skip
+        return self.loss_weight * loss
+
+    def extra_repr(self) -> str:
+        return (
+            f"alpha={self.alpha}, ep={self.ep}, gamma={self.gamma}, use_rci={self.use_rci}, "
+            f"use_cf={self.use_cf}, eps={self.eps}, loss_weight={self.loss_weight}"
+        )
