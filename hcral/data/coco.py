@@ -160,10 +160,6 @@ class CocoDataset(DetectionDataset):
     def get_record(self, index: int) -> ImageRecord:
         return self.records[index]
 
-    @property
-    def image_ids(self) -> list[int]:
-        return [record.image_id for record in self.records]
-
     def coco_gt(self) -> dict[str, Any]:
         """The JSON's ground truth, reduced to what box evaluation reads.
 

@@ -116,10 +116,6 @@ class VOCDataset(DetectionDataset):
     def get_record(self, index: int) -> ImageRecord:
         return self.records[index]
 
-    @property
-    def image_ids(self) -> list[int]:
-        return [record.image_id for record in self.records]
-
     # --- parsing ------------------------------------------------------------------------------
     def _find_layout(self, split: str | Path) -> tuple[Path, Path, Path]:
         candidates = []

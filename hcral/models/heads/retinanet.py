@@ -1,22 +1,19 @@
 """RetinaNet head (Lin et al., ICCV 2017): 9 anchors per location, max-IoU assignment (0.5 / 0.4).
 
-Boxes are regressed as deltas on the anchors (MMDetection's DeltaXYWH coder, stds 1.0) and every
-regression loss acts on the decoded boxes (``reg_decoded_bbox=True`` in MMDetection's terms), so the
-GIoU family and HCRA-R apply unchanged. No centerness branch: h = 1 (formulation §4).
+Deltas on the anchors with MMDetection's RetinaNet stds (1.0); no centerness branch, so h = 1
+(formulation §4) and the regression loss is the mean over positives.
 """
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from hcral.assign import Assignment, max_iou_assign
-from hcral.models.coders import DeltaXYWHCoder
-from hcral.models.heads.dense_head import DenseHead, PriorLayout
-from hcral.models.priors import AnchorGenerator
+from hcral.models.heads.anchor_head import AnchorHead
+from hcral.models.heads.dense_head import PriorLayout
 
 
-class RetinaNetHead(DenseHead):
+class RetinaNetHead(AnchorHead):
     group_norm = False
     with_centerness = False
     use_scales = False
@@ -33,21 +30,10 @@ class RetinaNetHead(DenseHead):
         target_stds: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0),
         **kwargs,
     ) -> None:
-        strides = kwargs.get("strides", (8, 16, 32, 64, 128))
-        self.anchor_generator = AnchorGenerator(
-            strides, octave_base_scale=octave_base_scale, scales_per_octave=scales_per_octave, ratios=ratios
+        super().__init__(
+            num_classes, in_channels, octave_base_scale=octave_base_scale, scales_per_octave=scales_per_octave,
+            ratios=ratios, target_stds=target_stds, **kwargs,
         )
-        super().__init__(num_classes, in_channels, num_base_priors=self.anchor_generator.num_base_priors, **kwargs)
-        self.coder = DeltaXYWHCoder(stds=target_stds)
-
-    def prior_layout(self, feat_sizes: list[tuple[int, int]], device: torch.device) -> PriorLayout:
-        levels = self.anchor_generator.grid_priors(feat_sizes, device=device, dtype=torch.float32)
-        anchors = torch.cat(levels)
-        strides = torch.cat([anchors.new_full((len(a),), s) for a, s in zip(levels, self.strides)])
-        return PriorLayout(anchors, anchors, strides, [len(a) for a in levels])
-
-    def decode(self, layout: PriorLayout, reg: Tensor) -> Tensor:
-        return self.coder.decode(layout.decode_priors.expand_as(reg), reg)
 
     def assign(self, layout: PriorLayout, target: dict, pred_boxes: Tensor, pred_scores: Tensor) -> Assignment:
         c = self.loss_cfg
