@@ -1,4 +1,4 @@
-"""Command line: ``hcral train | eval | predict | demo``."""
+"""Command line: ``hcral train | eval | predict | demo | ablate | figures``."""
 
 from __future__ import annotations
 
@@ -45,6 +45,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--compare", action="store_true", help="also train the FL+GIoU+ATSS baseline, same seed")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    p = sub.add_parser("ablate", help="run a grid of trainings from a SPEC file; writes CSV and Markdown tables")
+    p.add_argument("spec", help="SPEC YAML file (see experiments/)")
+    p.add_argument("--workers", type=int, default=1, help="runs at a time, sharing the CPU cores (default 1)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and their state; train nothing")
+
+    p = sub.add_parser("figures", help="draw the paper's figures and the analysis plots (PNG)")
+    p.add_argument("--out", default="docs/img", help="folder for the PNGs (default docs/img)")
+    p.add_argument("--baseline", default=None, help="run folder of a trained baseline (FL+GIoU+ATSS)")
+    p.add_argument("--hcral", default=None, help="run folder of a trained HCRAL model (HCRA-C + HCRA-R + EATSS)")
+    p.add_argument("--image-index", type=int, default=0, help="validation image drawn in the per-prior figure")
+    p.add_argument("--only-curves", action="store_true", help="only the figures that need no trained model")
     return parser
 
 
@@ -55,6 +67,21 @@ def main(argv: list[str] | None = None) -> int:
             from hcral.demo import run_demo
 
             run_demo(args.out, compare=args.compare, overrides=args.overrides)
+            return 0
+        if args.command == "ablate":
+            from hcral.experiments.ablate import load_spec, run_grid
+
+            command = f"hcral ablate {args.spec} --workers {args.workers}" + (" --dry-run" if args.dry_run else "")
+            results = run_grid(load_spec(args.spec), workers=args.workers, dry_run=args.dry_run, command=command)
+            return 1 if any(r.status == "failed" for r in results) else 0
+        if args.command == "figures":
+            from hcral.experiments.figures import make_figures
+
+            for path in make_figures(
+                args.out, baseline_run=args.baseline, hcral_run=args.hcral, image_index=args.image_index,
+                only_curves=args.only_curves,
+            ):  # fmt: skip
+                print(path)
             return 0
         cfg = _config(args)
         if args.command == "train":

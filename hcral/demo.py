@@ -24,11 +24,11 @@ def demo_config(out_dir: str | Path = "runs/demo", *, seed: int = 0) -> Config:
         model=ModelConfig(detector="fcos_atss", backbone="small", fpn_channels=64, head_channels=64, head_convs=2),
         loss=LossConfig(cls="hcra_c", reg="hcra_r", assigner="eatss"),
         data=DataConfig(
-            dataset="synthetic", synthetic_train=384, synthetic_val=64, synthetic_size=160,
+            dataset="synthetic", synthetic_train=640, synthetic_val=64, synthetic_size=160,
             short_side=160, max_side=160, batch_size=8, num_workers=1,
         ),
         train=TrainConfig(
-            epochs=12, lr=0.02, warmup_iters=100, lr_steps=[9, 11], seed=seed,
+            epochs=16, lr=0.02, warmup_iters=100, lr_steps=[12, 15], seed=seed,
             log_interval=10, eval_interval=0, checkpoint_interval=1,
         ),
         eval=EvalConfig(batch_size=8),

@@ -329,6 +329,8 @@ def run_evaluation(cfg: Config, model: Detector, dataset: Dataset, device: torch
 
 
 def evaluate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, float]:
+    """Evaluate a checkpoint into ``cfg.out_dir``: config.yaml, log.jsonl, metrics.json,
+    detections.json, and ``checkpoint.pt`` as a link to the evaluated file."""
     device = resolve_device(cfg.train.device)
     D.init_from_env(device)
     dataset = build_dataset(cfg, train=False)
@@ -338,7 +340,14 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, float]
     if D.is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
-    return run_evaluation(cfg, model, dataset, device, out)
+        link = out / CHECKPOINT
+        if not link.exists():
+            link.symlink_to(Path(checkpoint).resolve())
+    metrics = run_evaluation(cfg, model, dataset, device, out)
+    JsonlLog(out / "log.jsonl", D.is_main_process()).write(
+        {"event": "eval", "checkpoint": str(Path(checkpoint).resolve()), **{f"val_{k}": v for k, v in metrics.items()}}
+    )
+    return metrics
 
 
 def predict(cfg: Config, checkpoint: str | Path, images: list[str | Path], out_dir: str | Path) -> list[dict]:

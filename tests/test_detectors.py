@@ -121,6 +121,8 @@ def test_train_writes_run_folder_and_eval_and_predict_work(tmp_path):
     # `hcral eval` on the checkpoint gives the same numbers.
     assert cli_main(["eval", str(run / "config.yaml"), "--checkpoint", str(run / CHECKPOINT), "--out", str(tmp_path / "ev")]) == 0
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text()) == metrics
+    for name in ("config.yaml", "log.jsonl", CHECKPOINT, "detections.json"):
+        assert (tmp_path / "ev" / name).exists(), name
 
     # `hcral predict` writes COCO-format JSON and one PNG per image.
     images = []

@@ -25,6 +25,8 @@ def build_model(cfg: Config, num_classes: int) -> Detector:
             f"valid: {', '.join(HEAD_ASSIGNERS[m.detector])}"
         )
     if m.backbone == "small":
+        if m.pretrained:
+            raise ValueError("model.pretrained needs a ResNet backbone (resnet18/34/50/101); 'small' has no ImageNet weights")
         backbone = SmallBackbone()
     else:
         backbone = ResNet(

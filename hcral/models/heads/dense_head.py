@@ -99,8 +99,7 @@ class DenseHead(nn.Module):
 
     # Set by subclasses.
     group_norm: bool = True
-    with_centerness: bool = True
-    centerness_on_reg: bool = True
+    with_centerness: bool = True  # on the regression tower, as ATSS and FCOS (centerness_on_reg)
     use_scales: bool = True
     default_hcra_gamma: float = 0.0
 
@@ -198,7 +197,7 @@ class DenseHead(nn.Module):
             cls_all.append(cls.permute(0, 2, 3, 1).reshape(b, -1, self.num_classes))
             reg_all.append(reg.permute(0, 2, 3, 1).reshape(b, -1, 4))
             if self.ctr_out is not None:
-                ctr = self.ctr_out(reg_feat if self.centerness_on_reg else cls_feat)
+                ctr = self.ctr_out(reg_feat)
                 ctr_all.append(ctr.permute(0, 2, 3, 1).reshape(b, -1))
         ctr_out = torch.cat(ctr_all, 1) if ctr_all else None
         return torch.cat(cls_all, 1), torch.cat(reg_all, 1), ctr_out, sizes
@@ -336,7 +335,7 @@ class DenseHead(nn.Module):
         t = self.test_cfg
         results = []
         for i, size in enumerate(image_sizes):
-            per_level = [n for n in layout.num_level_priors]
+            per_level = layout.num_level_priors
             lvl_scores = list(scores[i].split(per_level))
             lvl_boxes = [clip_boxes(bx, size) for bx in boxes[i].split(per_level)]
             lvl_ctr = list(ctr[i].split(per_level)) if ctr is not None else None
