@@ -31,7 +31,11 @@ def draw_detections(
         x, y, w, h = d["bbox"]
         colour = PALETTE[label % len(PALETTE)]
         draw.rectangle([x, y, x + w, y + h], outline=colour, width=width)
-        draw.text((x + 2, y + 1), f"{class_names[label]} {d['score']:.2f}", fill=colour)
+        text = f"{class_names[label]} {d['score']:.2f}"
+        # White text on a box of the class colour stays readable over any background.
+        left, top, right, bottom = draw.textbbox((x + 1, y + 1), text)
+        draw.rectangle([left - 1, top - 1, right + 1, bottom + 1], fill=colour)
+        draw.text((x + 1, y + 1), text, fill=(255, 255, 255))
     return canvas
 
 

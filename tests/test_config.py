@@ -70,3 +70,13 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(bad)
+
+
+def test_synthetic_configs_are_the_demo_and_its_baseline():
+    from hcral.demo import baseline_of, demo_config
+
+    root = Path(__file__).parents[1] / "configs"
+    hcral_cfg = load_config(root / "synthetic_fcos_atss_hcral.yaml")
+    assert hcral_cfg == demo_config(hcral_cfg.out_dir)
+    base_cfg = load_config(root / "synthetic_fcos_atss_baseline.yaml")
+    assert base_cfg == baseline_of(demo_config(base_cfg.out_dir))
