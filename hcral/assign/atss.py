@@ -11,12 +11,14 @@ For each GT j:
 4. a prior positive for several GTs goes to the highest IoU (equal IoU -> lower GT index).
 
 Memory: the only GT x prior tensors are the squared distances of one level for a chunk of GTs,
-``(c, N_level)`` with ``c·N <= max_pairs``; about 10 bytes per pair are alive at once (float32
-distances plus boolean tie masks), so the transient peak is ~10·max_pairs bytes (~170 MB at the
-GPU default of 2^24 pairs, ~10 MB at the CPU default of 2^20) plus O(B·N + G·k·L) for the
-results, independent of the number of GTs. Measured on CPU for N = 200k priors and M = 1000 GTs
-(``benchmarks/assign_timing.py --memory-only``): +16 MB (CPU default), +140 MB (2^24 pairs).
-The IoF pass of ``ignore_boxes`` keeps ~12 bytes per (ignore box, prior) pair, same budget.
+``(c, N_level)`` with ``c·N <= max_pairs``, computed into one workspace of two float32 buffers that
+every chunk and level reuses (8 bytes per pair; rows whose k-th distance is tied add boolean masks
+for those rows only), so the transient peak is ~8·max_pairs bytes (~130 MB at the GPU default of
+2^24 pairs, ~8 MB at the CPU default of 2^20) plus O(B·N + G·k·L) for the results, independent of
+the number of GTs. Positives are kept as a sparse list until the (B, N) result is written once.
+Measured on CPU for N = 200k priors and M = 1000 GTs (``python -m benchmarks.bench_assign``, fresh
+process, peak resident memory over the inputs): +13 MB (CPU default). The IoF pass of
+``ignore_boxes`` keeps ~12 bytes per (ignore box, prior) pair, same budget.
 """
 
 from __future__ import annotations
@@ -27,11 +29,12 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from hcral.assign.types import BACKGROUND, IGNORED, Assignment
+from hcral.assign.types import IGNORED, Assignment
 from hcral.assign.utils import (
     CENTER_MARGIN,
     FlatGts,
     accumulate_dtype,
+    block_views,
     box_center_xy,
     centers_inside,
     check_batched_gts,
@@ -41,6 +44,7 @@ from hcral.assign.utils import (
     flatten_gts,
     gt_chunks,
     k_nearest,
+    pair_workspace,
     prior_iof,
     resolve_max_pairs,
     resolve_conflicts,
@@ -55,13 +59,15 @@ DEFAULT_IGNORE_IOF_THR = 0.5
 
 
 class AtssState(NamedTuple):
-    """What ATSS leaves for EATSS. Slots are ``image * N + prior`` over the batch (B·N).
+    """What ATSS leaves for EATSS: its positives as a sparse list, one entry per positive prior.
 
-    ``winner (B·N,)``: index into the flat GTs, or G where the prior is not positive;
-    ``iou (B·N,)``: the winner's IoU (``-inf`` where none); ``thr (G,)``: ``thr_j`` (accumulate dtype).
+    ``slot (P,)``: ``image * N + prior`` over the batch (B·N), each at most once; ``gt (P,)``: index
+    into the flat GTs; ``iou (P,)``: the prior box's IoU with it; ``thr (G,)``: ``thr_j`` (accumulate
+    dtype). Dense ``(B, N)`` results are only built once, at the end (:func:`build_assignment`).
     """
 
-    winner: Tensor
+    slot: Tensor
+    gt: Tensor
     iou: Tensor
     thr: Tensor
 
@@ -70,7 +76,6 @@ def atss_core(
     priors: Tensor,
     level_sizes: list[int],
     gts: FlatGts,
-    num_images: int,
     *,
     topk: int,
     center_margin: float,
@@ -87,14 +92,18 @@ def atss_core(
     per_level_k = [min(topk, size) for size in level_sizes]
     num_cand = sum(per_level_k)
     cand = torch.empty((g, num_cand), dtype=torch.long, device=device)  # (G, K) prior indices
-    for chunk in gt_chunks(g, n, max_pairs):
+    chunks = gt_chunks(g, n, max_pairs)
+    work = pair_workspace(chunks, max(level_sizes), priors)  # reused by every (c, N_level) block
+    for chunk in chunks:
         col = 0
         for start, size, k in zip(starts, level_sizes, per_level_k):
             if k == 0:
                 continue
+            out, scratch = block_views(work, chunk.stop - chunk.start, size)
             dist = sq_center_dist(
-                px[None, start : start + size], py[None, start : start + size], gx[chunk, None], gy[chunk, None]
-            )  # (c, N_level)
+                px[None, start : start + size], py[None, start : start + size], gx[chunk, None], gy[chunk, None],
+                out, scratch,
+            )  # (c, N_level), in the workspace  # fmt: skip
             cand[chunk, col : col + k] = k_nearest(dist, k) + start
             col += k
 
@@ -109,33 +118,26 @@ def atss_core(
     is_pos = (iou_acc >= thr[:, None]) & centers_inside(px[cand], py[cand], gts.boxes[:, None, :], center_margin)
 
     # §5 step 6: highest IoU wins; equal IoU -> lower GT index (flat order is (image, index)).
-    gt_id = torch.arange(g, device=device)[:, None].expand(g, num_cand)
-    winner, best = resolve_conflicts(
-        slot=(gts.image[:, None] * n + cand).reshape(-1),
-        gt=torch.where(is_pos, gt_id, g).reshape(-1),
-        score=torch.where(is_pos, iou, float("-inf")).reshape(-1),
-        num_slots=num_images * n,
-        none=g,
-    )
-    return AtssState(winner=winner, iou=best, thr=thr)
+    gt_id, col = is_pos.nonzero(as_tuple=True)  # the positive (GT, candidate) pairs
+    slot = gts.image[gt_id] * n + cand[gt_id, col]
+    score = iou[gt_id, col]
+    win = resolve_conflicts(slot, gt_id, score)
+    return AtssState(slot=slot[win], gt=gt_id[win], iou=score[win], thr=thr)
 
 
 def build_assignment(
-    winner: Tensor, iou: Tensor, gts: FlatGts, num_images: int, num_priors: int, expanded: Tensor | None = None
+    state: AtssState, gts: FlatGts, num_images: int, num_priors: int, expanded: Tensor | None = None
 ) -> Assignment:
-    """Flat winners (B·N,) -> a (B, N) :class:`Assignment`."""
-    g = gts.boxes.shape[0]
-    pos = winner < g
-    w = winner.clamp(max=max(g - 1, 0))
-    shape = (num_images, num_priors)
-    if g == 0:
-        return Assignment.background(shape, device=winner.device, dtype=iou.dtype)
-    return Assignment(
-        gt_index=torch.where(pos, gts.local[w], BACKGROUND).view(shape),
-        labels=torch.where(pos, gts.labels[w], -1).view(shape),
-        max_iou=torch.where(pos, iou, 0).view(shape),
-        expanded=(torch.zeros_like(pos) if expanded is None else expanded).view(shape),
-    )
+    """The positives of ``state`` (and ``expanded (P,)``, True for EATSS's extras) -> a (B, N) :class:`Assignment`."""
+    result = Assignment.background((num_images, num_priors), device=state.iou.device, dtype=state.iou.dtype)
+    if state.slot.numel() == 0:
+        return result
+    result.gt_index.view(-1)[state.slot] = gts.local[state.gt]
+    result.labels.view(-1)[state.slot] = gts.labels[state.gt]
+    result.max_iou.view(-1)[state.slot] = state.iou
+    if expanded is not None:
+        result.expanded.view(-1)[state.slot] = expanded
+    return result
 
 
 def _mark_ignored(
@@ -208,8 +210,8 @@ def atss_assign_batched(
     if n == 0 or gts.boxes.shape[0] == 0:  # §5 step 2
         return Assignment.background((b, n), device=priors.device, dtype=dtype)
     priors_c = priors.to(dtype)
-    state = atss_core(priors_c, levels, gts, b, topk=topk, center_margin=center_margin, max_pairs=max_pairs)
-    result = build_assignment(state.winner, state.iou, gts, b, n)
+    state = atss_core(priors_c, levels, gts, topk=topk, center_margin=center_margin, max_pairs=max_pairs)
+    result = build_assignment(state, gts, b, n)
     if ignore_boxes is not None and ignore_boxes.numel() > 0 and ignore_iof_thr > 0:
         if ignore_boxes.dim() != 3 or ignore_boxes.shape[0] != b or ignore_boxes.shape[-1] != 4:
             raise ValueError(f"{fn}: ignore_boxes must have shape ({b}, K, 4), got {tuple(ignore_boxes.shape)}")

@@ -13,9 +13,11 @@ ATSS first (see :mod:`hcral.assign.atss`); then, with detached predictions ``b_i
    GT is not refilled. Extras never replace ATSS positives; ``expanded`` marks them.
 
 Memory: step 2 looks at every prior for every GT with positives, in chunks of GTs with
-``c·N <= max_pairs``; about 10 bytes per pair are alive (float32 distances, a boolean mask), i.e.
-~10·max_pairs bytes (~170 MB at the GPU default of 2^24 pairs, ~10 MB at the CPU default), plus
-the pairs within Dis_f (a few thousand per GT) and ATSS's own bound (:mod:`hcral.assign.atss`).
+``c·N <= max_pairs``; the distances go to a reused two-buffer float32 workspace and a boolean mask
+is made per chunk (9 bytes per pair), i.e. ~9·max_pairs bytes (~150 MB at the GPU default of 2^24
+pairs, ~9 MB at the CPU default), plus the pairs within Dis_f (a few thousand per GT) and ATSS's own
+bound (:mod:`hcral.assign.atss`). Measured on CPU for N = 200k, M = 1000 (``python -m
+benchmarks.bench_assign``): tens of MB over the inputs, see ``docs/performance.md``.
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from hcral.assign.atss import atss_assign_batched, atss_core, build_assignment
+from hcral.assign.atss import AtssState, atss_assign_batched, atss_core, build_assignment
 from hcral.assign.types import Assignment
 from hcral.assign.utils import (
     CENTER_MARGIN,
+    block_views,
     box_center_xy,
     centers_inside,
     check_batched_gts,
@@ -37,6 +40,7 @@ from hcral.assign.utils import (
     compute_dtype,
     flatten_gts,
     gt_chunks,
+    pair_workspace,
     resolve_conflicts,
     resolve_max_pairs,
     sq_center_dist,
@@ -124,26 +128,28 @@ def eatss_assign_batched(
             f"got {gts.labels[bad][:5].tolist()}"
         )
     priors_c = priors.to(dtype)
-    state = atss_core(priors_c, levels, gts, b, topk=topk, center_margin=center_margin, max_pairs=max_pairs)
+    state = atss_core(priors_c, levels, gts, topk=topk, center_margin=center_margin, max_pairs=max_pairs)
 
     px, py = box_center_xy(priors_c)
     gx, gy = box_center_xy(gts.boxes)
-    atss_pos = state.winner < g  # (B·N,)
 
     # Step 1: Dis_f(j)² over the priors ATSS assigned to j (-1 where j has none).
-    pos_slot = atss_pos.nonzero().squeeze(1)
-    pos_gt, pos_prior = state.winner[pos_slot], pos_slot % n
-    pos_dist = sq_center_dist(px[pos_prior], py[pos_prior], gx[pos_gt], gy[pos_gt])
-    dis_f = pos_dist.new_full((g,), -1.0).scatter_reduce_(0, pos_gt, pos_dist, reduce="amax")
+    pos_prior = state.slot % n
+    pos_dist = sq_center_dist(px[pos_prior], py[pos_prior], gx[state.gt], gy[state.gt])
+    dis_f = pos_dist.new_full((g,), -1.0).scatter_reduce_(0, state.gt, pos_dist, reduce="amax")
 
     # Step 2: E_j over all priors, for the GTs with positives, in chunks of GTs. The distance test
     # is the selective one: the centre and background tests run on the few pairs it keeps.
     active = (dis_f >= 0).nonzero().squeeze(1)
-    background = ~atss_pos
+    background = torch.ones(b * n, dtype=torch.bool, device=priors.device)  # (B·N,)
+    background[state.slot] = False
     pair_gt, pair_prior, pair_dist = [active[:0]], [active[:0]], [px[:0]]
-    for chunk in gt_chunks(active.numel(), n, max_pairs):
+    chunks = gt_chunks(active.numel(), n, max_pairs)
+    work = pair_workspace(chunks, n, px)  # reused by every (c, N) block
+    for chunk in chunks:
         a = active[chunk]
-        dist = sq_center_dist(px[None, :], py[None, :], gx[a, None], gy[a, None])  # (c, N)
+        out, scratch = block_views(work, a.numel(), n)
+        dist = sq_center_dist(px[None, :], py[None, :], gx[a, None], gy[a, None], out, scratch)  # (c, N)
         rows, cols = (dist <= dis_f[a, None]).nonzero(as_tuple=True)  # row-major: (GT, prior) order
         cand_gt = a[rows]
         ok = centers_inside(px[cols], py[cols], gts.boxes[cand_gt], center_margin)
@@ -165,14 +171,19 @@ def eatss_assign_batched(
     pg, slot, q = pg[chosen], slot[chosen], q[chosen]
 
     # Step 5: a prior chosen by several GTs goes to the highest q (equal: lower GT); no refill.
-    extra_winner, _ = resolve_conflicts(slot, pg, q, num_slots=b * n, none=g)
-    extra = extra_winner < g  # only background slots ever compete, so ATSS positives stay
-    winner = torch.where(atss_pos, state.winner, extra_winner)
+    # Only background slots compete, so the extras never replace an ATSS positive.
+    win = resolve_conflicts(slot, pg, q)
+    extra_slot, extra_gt = slot[win], pg[win]
     # max_iou reports the prior box's IoU with its GT for every positive, extras included.
-    iou = state.iou.clone()
-    extra_slot = extra.nonzero().squeeze(1)
-    iou[extra_slot] = aligned_iou(priors_c[extra_slot % n], gts.boxes[extra_winner[extra_slot]]).to(iou.dtype)
-    return build_assignment(winner, iou, gts, b, n, expanded=extra)
+    extra_iou = aligned_iou(priors_c[extra_slot % n], gts.boxes[extra_gt]).to(state.iou.dtype)
+    merged = AtssState(
+        slot=torch.cat((state.slot, extra_slot)),
+        gt=torch.cat((state.gt, extra_gt)),
+        iou=torch.cat((state.iou, extra_iou)),
+        thr=state.thr,
+    )
+    expanded = torch.arange(merged.slot.numel(), device=priors.device) >= state.slot.numel()  # the extras
+    return build_assignment(merged, gts, b, n, expanded=expanded)
 
 
 @torch.no_grad()

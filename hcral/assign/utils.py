@@ -16,7 +16,7 @@ from torch import Tensor
 from hcral.ops.boxes import EPS, box_area
 
 # Largest number of (GT, prior) pairs held at once in any pairwise tensor (``max_pairs=None``
-# picks by device). The assigners keep roughly 10-20 bytes per pair alive (see their docstrings).
+# picks by device). The assigners keep roughly 8-10 bytes per pair alive (see their docstrings).
 # On CPU, blocks of ~1M pairs stay cache-friendly and avoid fresh page faults: measured 1.7x faster
 # than 16M-pair blocks for ATSS at N = 20k, M = 500. GPUs want large blocks to amortise launches;
 # 16M pairs bound the transient memory to a few hundred MB whatever the number of GTs.
@@ -149,16 +149,38 @@ def box_center_xy(boxes: Tensor) -> tuple[Tensor, Tensor]:
     return (boxes[..., 0] + boxes[..., 2]) / 2, (boxes[..., 1] + boxes[..., 3]) / 2
 
 
-def sq_center_dist(ax: Tensor, ay: Tensor, bx: Tensor, by: Tensor) -> Tensor:
+def sq_center_dist(
+    ax: Tensor, ay: Tensor, bx: Tensor, by: Tensor, out: Tensor | None = None, scratch: Tensor | None = None
+) -> Tensor:
     """Squared centre distance ``(ax-bx)² + (ay-by)²``, broadcasting (pairwise or aligned).
 
     §5 ranks and bounds by the L2 distance d; comparing d² is the same order in real arithmetic and
     avoids the ties a rounded square root would create. Pairwise and aligned calls run the same
     operations, so a pair gets bit-identical values either way (EATSS relies on it).
+
+    ``out`` and ``scratch`` (the broadcast shape) receive the result and the y term when given:
+    the assigners reuse two buffers for all their pairwise blocks (see :func:`pair_workspace`).
     """
-    dx = ax - bx
-    dy = ay - by
+    dx = ax - bx if out is None else torch.sub(ax, bx, out=out)
+    dy = ay - by if scratch is None else torch.sub(ay, by, out=scratch)
     return dx.mul_(dx).add_(dy.mul_(dy))
+
+
+def pair_workspace(chunks: list[slice], num_priors: int, like: Tensor) -> Tensor:
+    """Two flat buffers ``(2, S)`` big enough for a ``(c, num_priors)`` block of any of the
+    :func:`gt_chunks` ``chunks``, to pass to :func:`sq_center_dist` as ``out`` and ``scratch``.
+
+    On CPU a fresh multi-MB tensor costs more in page faults than the arithmetic done on it, so
+    every pairwise block of one assigner call reuses these (their pages are touched once). They hold
+    one chunk's pairs, so the memory bound of the module docstrings is unchanged.
+    """
+    rows = max((chunk.stop - chunk.start for chunk in chunks), default=0)
+    return like.new_empty((2, rows * num_priors))
+
+
+def block_views(work: Tensor, rows: int, cols: int) -> tuple[Tensor, Tensor]:
+    """``(rows, cols)`` views of the two buffers of :func:`pair_workspace`."""
+    return work[0, : rows * cols].view(rows, cols), work[1, : rows * cols].view(rows, cols)
 
 
 def centers_inside(cx: Tensor, cy: Tensor, boxes: Tensor, margin: float) -> Tensor:
@@ -206,13 +228,17 @@ def k_nearest(dist: Tensor, k: int) -> Tensor:
 
     Exact and implementation-independent (§5, step 3): equal values go to the lower index. The
     returned set is unique; indices come sorted ascending within each row. ``topk`` alone is not
-    stable, so rows where it had to break a tie at the k-th value are recomputed exactly (one
-    host sync on GPU; tie-free rows cost two extra passes).
+    stable, so one more entry is asked of it: where the k-th smallest value is below the (k+1)-th,
+    the k smallest entries are unique and topk's first k are exactly them. Only rows where the two
+    are equal (a tie across the cut) are recomputed exactly (one host sync on GPU).
     """
-    vals, idx = dist.topk(k, dim=1, largest=False, sorted=False)
-    kth = vals.amax(dim=1, keepdim=True)  # (c, 1) the k-th smallest value
-    # topk's choice is unique unless more entries equal the k-th value than it could take.
-    ambiguous = (dist == kth).sum(dim=1, dtype=torch.int32) > (vals == kth).sum(dim=1, dtype=torch.int32)
+    c, n = dist.shape
+    if k >= n:  # every entry is taken
+        return torch.arange(n, device=dist.device).expand(c, n)
+    vals, idx = dist.topk(k + 1, dim=1, largest=False, sorted=True)
+    kth = vals[:, k - 1 : k]  # (c, 1) the k-th smallest value
+    idx = idx[:, :k]
+    ambiguous = kth.squeeze(1) == vals[:, k]
     if bool(ambiguous.any()):
         rows = ambiguous.nonzero().squeeze(1)
         d, t = dist[rows], kth[rows]
@@ -224,14 +250,18 @@ def k_nearest(dist: Tensor, k: int) -> Tensor:
     return idx.sort(dim=1).values
 
 
-def resolve_conflicts(slot: Tensor, gt: Tensor, score: Tensor, num_slots: int, none: int) -> tuple[Tensor, Tensor]:
+def resolve_conflicts(slot: Tensor, gt: Tensor, score: Tensor) -> Tensor:
     """Give each slot (prior) to one of its competing GTs: highest score, equal scores -> lower GT.
 
-    ``slot, gt, score (P,)``: candidate pairs; entries with ``gt == none`` never win. Returns
-    ``winner (num_slots,)`` (``none`` where a slot had no candidate) and the winning ``score``
-    (``-inf`` there). Uses only max/min scatters, so it is deterministic on every device.
+    ``slot, gt, score (P,)``: candidate pairs, each (slot, gt) at most once. Returns the indices of
+    the winning pairs, one per distinct slot. Stable sorts from the least significant key to the most
+    (GT ascending, score descending, slot ascending) give the exact lexicographic order on any device;
+    the first pair of each slot wins. Works on the P pairs only: no (B·N,) tensor is made.
     """
-    best = score.new_full((num_slots,), float("-inf")).scatter_reduce_(0, slot, score, reduce="amax")
-    contender = torch.where(score == best[slot], gt, none)
-    winner = gt.new_full((num_slots,), none).scatter_reduce_(0, slot, contender, reduce="amin")
-    return winner, best
+    order = torch.sort(gt, stable=True).indices
+    order = order[torch.sort(score[order], descending=True, stable=True).indices]
+    order = order[torch.sort(slot[order], stable=True).indices]
+    sorted_slot = slot[order]
+    first = torch.ones_like(sorted_slot, dtype=torch.bool)
+    first[1:] = sorted_slot[1:] != sorted_slot[:-1]
+    return order[first]

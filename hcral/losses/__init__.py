@@ -1,7 +1,8 @@
 """Losses: HCRA-C and HCRA-R (HCRAL, arXiv:2408.17182) and the losses they are compared with.
 
 Each loss is a plain function (``*_loss``) plus a thin ``nn.Module`` that stores its hyperparameters
-and multiplies by ``loss_weight``. Formulas: ``docs/method.md``.
+and multiplies by ``loss_weight``. Formulas: ``docs/method.md``. ``hcra_cls_loss_fused`` is an optional
+``torch.compile`` path for HCRA-C (``docs/performance.md``).
 """
 
 from hcral.losses._reduction import REDUCTIONS, weight_reduce_loss
@@ -24,6 +25,7 @@ from hcral.losses.hcra import (
     rci,
     reg_weights,
 )
+from hcral.losses.fused import FusedHCRAClassificationLoss, hcra_cls_loss_fused
 from hcral.losses.iou import (
     CIoULoss,
     DIoULoss,
@@ -46,6 +48,7 @@ __all__ = [
     "DIoULoss",
     "EIoULoss",
     "FocalEIoULoss",
+    "FusedHCRAClassificationLoss",
     "GHMCLoss",
     "GIoULoss",
     "HCRAClassificationLoss",
@@ -64,6 +67,7 @@ __all__ = [
     "ghmc_loss",
     "giou_loss",
     "hcra_cls_loss",
+    "hcra_cls_loss_fused",
     "hcra_reg_loss",
     "iou_loss",
     "quality_focal_loss",

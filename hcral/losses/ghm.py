@@ -23,12 +23,14 @@ concatenated batch exactly.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hcral.losses._reduction import check_ndim, check_reduction, check_shape, upcast, weight_reduce_loss
+from hcral.losses._reduction import AVG_FACTOR_EPS, check_ndim, check_reduction, check_shape, upcast
 
 # MMDetection raises the last edge by this much so that g = 1 (a confidently wrong prediction)
 # lands in the last bin instead of outside every bin.
@@ -65,18 +67,16 @@ def check_ghm_args(bins: int, momentum: float, acc_sum: Tensor | None, *, where:
             )
 
 
-def _valid_elements(valid: Tensor | None, g: Tensor, *, where: str) -> Tensor:
-    """Bool mask of ``g``'s shape from ``valid``: None (all), ``(N,)`` per prior, or ``g``'s shape.
-
-    Non-bool masks count as valid where ``> 0`` (MMDetection's ``label_weight > 0``).
-    """
+def _valid_mask(valid: Tensor | None, g: Tensor, *, where: str) -> Tensor | None:
+    """Bool mask broadcastable to ``g`` from ``valid``: None (all valid), ``(N,)`` per prior -> ``(N, 1)``,
+    or ``g``'s shape. Non-bool masks count as valid where ``> 0`` (MMDetection's ``label_weight > 0``)."""
     if valid is None:
-        return torch.ones_like(g, dtype=torch.bool)
+        return None
     mask = valid if valid.dtype == torch.bool else valid > 0
     if mask.shape == g.shape:
         return mask
     if g.dim() == 2 and mask.dim() == 1 and mask.shape[0] == g.shape[0]:
-        return mask[:, None].expand_as(g)
+        return mask[:, None]
     raise ValueError(f"{where}: valid must have shape ({g.shape[0]},) or {tuple(g.shape)}, got {tuple(valid.shape)}")
 
 
@@ -85,6 +85,110 @@ def _distributed_world() -> int | None:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     return None
+
+
+class GHMBins(NamedTuple):
+    """The GHM histogram of one call: β of every element is ``table[slot]``.
+
+    ``slot``: int32 with ``g``'s shape; ``1..B`` are the bins, ``0`` and ``B + 1`` hold the elements
+    outside every bin (invalid, ``g < 0``, ``g`` at or above the raised last edge, NaN).
+    ``table``: ``(B + 2,)`` β per slot, 0 in the two outer slots. ``normaliser``: 0-d loss normaliser T.
+    """
+
+    slot: Tensor
+    table: Tensor
+    normaliser: Tensor
+
+
+@torch.no_grad()
+def ghm_bins(
+    g: Tensor,
+    valid: Tensor | None = None,
+    *,
+    bins: int = 10,
+    momentum: float = 0.0,
+    acc_sum: Tensor | None = None,
+    sync_counts: bool = False,
+    where: str = "ghm_bins",
+) -> GHMBins:
+    """The GHM-C histogram of gradient norms ``g`` in one pass (§3, β); see :func:`ghm_beta`.
+
+    Cost: one ``bucketize`` (int32 output) and one ``bincount`` over the elements, no host sync;
+    the per-bin arithmetic is on ``B + 2`` numbers.
+    """
+    check_ghm_args(bins, momentum, acc_sum, where=where)
+    g = upcast(g.detach())
+    mask = _valid_mask(valid, g, where=where)
+
+    # Slot of every element: bucketize(right=True) against e_0..e_B returns b + 1 exactly when
+    # e_b <= g < e_{b+1}, so the bins are slots 1..B. Slot 0 (g < 0) and slot B + 1 (g >= the raised
+    # last edge, or NaN) lie outside every bin; invalid elements are moved to slot 0.
+    edges = ghm_edges(bins, dtype=g.dtype, device=g.device)
+    slot = torch.bucketize(g, edges, right=True, out_int32=True)
+    if mask is not None:
+        slot.masked_fill_(~mask, 0)
+
+    counts = torch.bincount(slot.reshape(-1), minlength=bins + 2)
+    table, normaliser = ghm_table(
+        counts, valid_count(mask, g), bins=bins, momentum=momentum, acc_sum=acc_sum, sync_counts=sync_counts,
+        dtype=g.dtype,
+    )  # fmt: skip
+    return GHMBins(slot, table, normaliser)
+
+
+def valid_count(mask: Tensor | None, g: Tensor) -> Tensor:
+    """T before clamping: the number of valid elements of ``g`` (a per-prior ``(N, 1)`` mask counts C each)."""
+    if mask is None:
+        return torch.tensor(g.numel(), dtype=torch.int64, device=g.device)
+    return mask.sum() * (g.numel() // max(mask.numel(), 1))
+
+
+@torch.no_grad()
+def ghm_table(
+    slot_counts: Tensor,
+    valid_total: Tensor,
+    *,
+    bins: int,
+    momentum: float,
+    acc_sum: Tensor | None,
+    sync_counts: bool,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    """β per slot ``(B + 2,)`` and the normaliser T from the slot counts ``(B + 2,)`` (§3, β).
+
+    Updates ``acc_sum`` in place when ``momentum > 0``; under DDP (``sync_counts``) the counts and T
+    are summed over processes first.
+    """
+    # One int64 vector holds the B counts and T, so DDP needs a single all_reduce. int64 keeps counts
+    # exact beyond float32's 2^24 (N·C of a batch easily exceeds it).
+    stats = torch.cat((slot_counts[1 : bins + 1], valid_total.reshape(1).to(slot_counts.dtype)))
+    world = _distributed_world() if sync_counts else None
+    if world is not None:
+        dist.all_reduce(stats)
+    counts = stats[:bins].double()
+    total = stats[bins].double().clamp(min=1.0)  # T >= 1, as MMDetection's max(tot, 1)
+
+    nonempty = counts > 0
+    if momentum > 0:
+        assert acc_sum is not None  # checked by the callers (check_ghm_args)
+        updated = momentum * acc_sum.double() + (1.0 - momentum) * counts
+        acc_sum.copy_(torch.where(nonempty, updated, acc_sum.double()))
+        denom = acc_sum.double()
+    else:
+        denom = counts
+    per_bin = torch.where(nonempty, total / torch.where(nonempty, denom, torch.ones_like(denom)), 0.0)
+    per_bin = per_bin / nonempty.sum().clamp(min=1)
+    table = torch.cat((per_bin.new_zeros(1), per_bin, per_bin.new_zeros(1))).to(dtype)  # outer slots: β = 0
+    normaliser = (total / (world or 1)).to(dtype)
+    return table, normaliser
+
+
+def gather_beta(bins: GHMBins, *, out: Tensor | None = None) -> Tensor:
+    """β = ``table[slot]`` with ``slot``'s shape; ``out`` (contiguous, the table's dtype) receives it."""
+    flat = bins.slot.reshape(-1)
+    if out is None:
+        return torch.index_select(bins.table, 0, flat).view(bins.slot.shape)
+    return torch.index_select(bins.table, 0, flat, out=out.view(-1)).view(bins.slot.shape)
 
 
 @torch.no_grad()
@@ -113,43 +217,8 @@ def ghm_beta(
         ``(beta, normaliser)``: β with ``g``'s shape and dtype (float32 at least), and the 0-d loss
         normaliser ``T`` (``T_global / world_size`` when synchronised; module docstring).
     """
-    check_ghm_args(bins, momentum, acc_sum, where=where)
-    g = upcast(g.detach())
-    valid_mask = _valid_elements(valid, g, where=where)
-
-    # Bin of every element: e_b <= g < e_{b+1}  <=>  bucketize(right=True) - 1.
-    edges = ghm_edges(bins, dtype=g.dtype, device=g.device)
-    bin_idx = torch.bucketize(g, edges, right=True) - 1
-    counted = valid_mask & (bin_idx >= 0) & (bin_idx < bins)
-    # Invalid elements (and g outside [0, 1], e.g. NaN) go to a spare slot `bins` that gets β = 0.
-    bin_idx = torch.where(counted, bin_idx, torch.full_like(bin_idx, bins))
-
-    # One int64 vector holds the B counts, the spare slot and T, so DDP needs a single all_reduce.
-    # int64 keeps counts exact beyond float32's 2^24 (N·C of a batch easily exceeds it).
-    stats = torch.zeros(bins + 2, dtype=torch.int64, device=g.device)
-    flat = bin_idx.reshape(-1)
-    stats.scatter_add_(0, flat, torch.ones_like(flat))
-    stats[bins + 1] = valid_mask.sum()
-    world = _distributed_world() if sync_counts else None
-    if world is not None:
-        dist.all_reduce(stats)
-    counts = stats[:bins].double()
-    total = stats[bins + 1].double().clamp(min=1.0)  # T >= 1, as MMDetection's max(tot, 1)
-
-    nonempty = counts > 0
-    if momentum > 0:
-        assert acc_sum is not None  # checked above
-        updated = momentum * acc_sum.double() + (1.0 - momentum) * counts
-        acc_sum.copy_(torch.where(nonempty, updated, acc_sum.double()))
-        denom = acc_sum.double()
-    else:
-        denom = counts
-    per_bin = torch.where(nonempty, total / torch.where(nonempty, denom, torch.ones_like(denom)), 0.0)
-    per_bin = per_bin / nonempty.sum().clamp(min=1)
-    per_bin = torch.cat((per_bin, per_bin.new_zeros(1)))  # spare slot: β = 0
-    beta = per_bin[bin_idx].to(g.dtype)
-    normaliser = (total / (world or 1)).to(g.dtype)
-    return beta, normaliser
+    hist = ghm_bins(g, valid, bins=bins, momentum=momentum, acc_sum=acc_sum, sync_counts=sync_counts, where=where)
+    return gather_beta(hist), hist.normaliser
 
 
 def weighted_bce_loss(
@@ -166,11 +235,22 @@ def weighted_bce_loss(
 
     The one place where GHM-C and HCRA-C compute their BCE, so that HCRA-C with both modules off is
     GHM-C bit for bit. ``logits`` must already be float32/float64; BCE is the stable log-sum-exp form.
+    The weight and the sum go into ``binary_cross_entropy_with_logits`` itself: it scales its own
+    buffer in place and its backward applies the weight, so no weighted (N, C) copy is made either way.
     """
-    loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none") * weight
-    if reduction == "mean" and avg_factor is None:
+    check_reduction(reduction, where=where)
+    if reduction == "none":
+        return F.binary_cross_entropy_with_logits(logits, targets, weight, reduction="none")
+    total = F.binary_cross_entropy_with_logits(logits, targets, weight, reduction="sum")
+    if reduction == "sum":
+        if avg_factor is not None:
+            raise ValueError(f"{where}: avg_factor cannot be used with reduction='sum'")
+        return total
+    if avg_factor is None:
         avg_factor = normaliser
-    return weight_reduce_loss(loss, None, reduction=reduction, avg_factor=avg_factor, where=where)
+    if isinstance(avg_factor, Tensor):
+        return total / avg_factor.to(total.dtype).clamp(min=AVG_FACTOR_EPS)
+    return total / max(float(avg_factor), AVG_FACTOR_EPS)
 
 
 def ghmc_loss(
@@ -207,11 +287,11 @@ def ghmc_loss(
     check_shape("targets", targets, tuple(logits.shape), where=where)
     x = upcast(logits)
     t = targets.to(x.dtype)
-    g = (torch.sigmoid(x.detach()) - t).abs()
-    beta, normaliser = ghm_beta(
-        g, valid, bins=bins, momentum=momentum, acc_sum=acc_sum, sync_counts=sync_counts, where=where
-    )
-    return weighted_bce_loss(x, t, beta, normaliser, reduction=reduction, avg_factor=avg_factor, where=where)
+    with torch.no_grad():
+        g = torch.sigmoid(x.detach()).sub_(t).abs_()
+        hist = ghm_bins(g, valid, bins=bins, momentum=momentum, acc_sum=acc_sum, sync_counts=sync_counts, where=where)
+        beta = gather_beta(hist, out=g)  # g is no longer needed: β takes its memory
+    return weighted_bce_loss(x, t, beta, hist.normaliser, reduction=reduction, avg_factor=avg_factor, where=where)
 
 
 class GHMCLoss(nn.Module):

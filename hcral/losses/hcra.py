@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from hcral.losses._reduction import check_boxes, check_ndim, check_shape, upcast
-from hcral.losses.ghm import check_ghm_hparams, ghm_beta, weighted_bce_loss
+from hcral.losses.ghm import check_ghm_hparams, gather_beta, ghm_bins, weighted_bce_loss
 from hcral.ops.boxes import EPS, AlignedBoxTerms, aligned_box_terms, diou_penalty_from_terms, giou_from_terms
 
 # §4: guards the denominator max(Σ ρ·t·h, ε) against 0/0 only (no positives, or all h = 0). Any
@@ -59,6 +59,23 @@ def _check_cls_inputs(logits: Tensor, targets: Tensor, ious: Tensor, valid: Tens
 
 
 @torch.no_grad()
+def _cf_cls_weight(targets: Tensor, ious: Tensor, *, mu: float) -> Tensor:
+    """§3, ω (CF_cls) = 1 + (2p* - 1)·u·(u - μ)², as a new ``(N, C)`` tensor built in place."""
+    omega = (ious - mu).square_().mul_(ious)  # u·(u - μ)²
+    # c + (-2)·c·p* is (1 - 2p*)·c, exactly for p* in {0, 1}; negated, the (2p* - 1)·c of §3.
+    omega.addcmul_(omega, targets, value=-2).neg_()
+    return omega.add_(1)
+
+
+@torch.no_grad()
+def _rci_cls_weight_(scores: Tensor, targets: Tensor, ious: Tensor, *, alpha: float, theta: float) -> Tensor:
+    """§3, w (RCI_cls) = 2σ(θ·s·r), s = 1 - 2p*, r = p - u - α (§2); computed in place in ``scores``."""
+    r = scores.sub_(ious).sub_(alpha)  # §2, r = p - u - α, as rci()
+    r.addcmul_(r, targets, value=-2)  # s·r with s = 1 - 2p* (+1 negatives, -1 positives)
+    return r.mul_(theta).sigmoid_().mul_(2)  # torch.sigmoid is stable
+
+
+@torch.no_grad()
 def _cls_weights(
     logits: Tensor,
     targets: Tensor,
@@ -75,21 +92,24 @@ def _cls_weights(
     acc_sum: Tensor | None,
     sync_counts: bool,
     where: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(β, ω, w, normaliser T) of §3, all detached, in float32 at least."""
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
+    """(β, ω, w, normaliser T) of §3, detached, in float32 at least; ω / w are None when switched off.
+
+    Memory: at COCO shape an (N, C) float32 tensor is ~100 MB and each new one costs page faults, so
+    the weights are built in place in as few buffers as possible: β in the buffer of g, w in the
+    buffer of p = σ(x), ω in one more.
+    """
     x = upcast(logits.detach())
     t = targets.to(x.dtype)
     u = ious.detach().to(x.dtype)
     p = torch.sigmoid(x)
     # §3, β: GHM-C harmonising weight from g = |p - p*|; T = number of valid elements.
-    beta, normaliser = ghm_beta(
-        (p - t).abs(), valid, bins=bins, momentum=momentum, acc_sum=acc_sum, sync_counts=sync_counts, where=where
-    )
-    # §3, ω (CF_cls): 1 + (2p* - 1)·u·(u - μ)²; 1 - u(u - μ)² for negatives, 1 + u(u - μ)² for positives.
-    omega = 1 + (2 * t - 1) * u * (u - mu) ** 2 if use_cf else torch.ones_like(x)
-    # §3, w (RCI_cls): 2σ(θ·s·r), s = 1 - 2p* (+1 negatives, -1 positives); torch.sigmoid is stable.
-    w = 2 * torch.sigmoid(theta * (1 - 2 * t) * rci(p, u, alpha=alpha)) if use_rci else torch.ones_like(x)
-    return beta, omega, w, normaliser
+    g = torch.sub(p, t).abs_()
+    hist = ghm_bins(g, valid, bins=bins, momentum=momentum, acc_sum=acc_sum, sync_counts=sync_counts, where=where)
+    beta = gather_beta(hist, out=g)  # g is no longer needed: β takes its memory
+    omega = _cf_cls_weight(t, u, mu=mu) if use_cf else None
+    w = _rci_cls_weight_(p, t, u, alpha=alpha, theta=theta) if use_rci else None
+    return beta, omega, w, hist.normaliser
 
 
 def cls_weights(
@@ -117,7 +137,7 @@ def cls_weights(
         logits, targets, ious, valid, alpha=alpha, theta=theta, mu=mu, bins=bins, use_rci=use_rci,
         use_cf=use_cf, momentum=0.0, acc_sum=None, sync_counts=False, where=where,
     )  # fmt: skip
-    return beta, omega, w
+    return beta, torch.ones_like(beta) if omega is None else omega, torch.ones_like(beta) if w is None else w
 
 
 def _hcra_cls_loss(
@@ -142,12 +162,18 @@ def _hcra_cls_loss(
     _check_cls_hparams(mu, where=where)
     x = upcast(logits)
     t = targets.to(x.dtype)
-    beta, omega, w, normaliser = _cls_weights(
+    weight, omega, w, normaliser = _cls_weights(
         x, t, ious, valid, alpha=alpha, theta=theta, mu=mu, bins=bins, use_rci=use_rci, use_cf=use_cf,
         momentum=momentum, acc_sum=acc_sum, sync_counts=sync_counts, where=where,
     )  # fmt: skip
-    # With ω ≡ w ≡ 1 the weight is β bit for bit, so the loss is ghmc_loss exactly (§3, reductions).
-    return weighted_bce_loss(x, t, beta * omega * w, normaliser, where=where)
+    # β·ω·w in β's buffer (the order of cls_weights' product). With both modules off the weight is β
+    # bit for bit, so the loss is ghmc_loss exactly (§3, reductions).
+    if omega is not None:
+        weight.mul_(omega)
+    if w is not None:
+        weight.mul_(w)
+    del omega, w  # free before the BCE allocates its own buffers
+    return weighted_bce_loss(x, t, weight, normaliser, where=where)
 
 
 def hcra_cls_loss(
@@ -284,12 +310,12 @@ def _reg_weights_from_terms(
     s = scores.detach().to(q.dtype)
     # §4, ρ (RCI_reg) = (s - α + ep) / (q + ep): > 1 in region 1, < 1 in region 2.
     rho = (s - alpha + ep) / (q + ep) if use_rci else torch.ones_like(q)
-    if use_cf:
+    if use_cf and gamma != 0:
         # §4, t (CF_reg) = (1 - q + R)^γ, R = δ²/c² (DIoU penalty). The base is >= 0 in exact
         # arithmetic; the clamp keeps a rounding of q above 1 from giving NaN for fractional γ.
         difficulty = (1 - q + diou_penalty_from_terms(terms).detach()).clamp(min=0)
         t = difficulty.pow(gamma)
-    else:
+    else:  # switched off, or γ = 0 (the ATSS setting): x^0 = 1 exactly, no need to compute R
         t = torch.ones_like(q)
     return rho, t
 
