@@ -73,6 +73,9 @@ class LossConfig:
     hcra_cls_cf: bool = True
     hcra_reg_rci: bool = True
     hcra_reg_cf: bool = True
+    # Compute HCRA-C with the fused torch.compile path (hcral.losses.fused; same values and state,
+    # several times faster on CPU after a one-off compilation; falls back to eager with a warning).
+    hcra_fused: bool = False
     # Assigners.
     atss_topk: int = 9
     eatss_max_extra: int = 4

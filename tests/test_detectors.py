@@ -240,3 +240,20 @@ def test_cli_reports_bad_config_with_the_key(tmp_path, capsys):
 def test_assigner_must_fit_the_detector(tmp_path):
     with pytest.raises(ValueError, match="does not fit model.detector='retinanet'; valid: max_iou"):
         build_model(tiny_config(tmp_path, "model.detector=retinanet", "loss.assigner=atss"), 3)
+
+
+def test_fused_hcra_c_in_the_head_equals_eager(tmp_path):
+    from hcral.losses import FusedHCRAClassificationLoss
+
+    losses = {}
+    for fused in (False, True):
+        torch.manual_seed(0)
+        cfg = tiny_config(tmp_path, "loss.cls=hcra_c", "loss.reg=hcra_r", f"loss.hcra_fused={str(fused).lower()}")
+        dataset = build_dataset(cfg, train=True)
+        model = build_model(cfg, dataset.num_classes).train()
+        assert isinstance(model.head.cls_loss_module, FusedHCRAClassificationLoss) == fused
+        if fused:  # run the fused stages eagerly: tests the wiring without a 20 s compile
+            model.head.cls_loss_module.compiled = False
+        images, targets = collate([dataset[i] for i in range(2)], size_divisor=32)
+        losses[fused] = model(images, targets)["loss_cls"]
+    torch.testing.assert_close(losses[True], losses[False])

@@ -151,10 +151,11 @@ class DenseHead(nn.Module):
         if c.cls == "ghmc":
             return L.GHMCLoss(bins=c.ghm_bins, momentum=c.ghm_momentum)
         if c.cls == "hcra_c":
-            return L.HCRAClassificationLoss(
+            kwargs = dict(
                 alpha=c.hcra_alpha, theta=c.hcra_theta, mu=c.hcra_mu, bins=c.ghm_bins,
                 momentum=c.ghm_momentum, use_rci=c.hcra_cls_rci, use_cf=c.hcra_cls_cf,
             )
+            return L.FusedHCRAClassificationLoss(**kwargs) if c.hcra_fused else L.HCRAClassificationLoss(**kwargs)
         return None
 
     @property
