@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ablate", help="run a grid of trainings from a SPEC file; writes CSV and Markdown tables")
     p.add_argument("spec", help="SPEC YAML file (see experiments/)")
     p.add_argument("--workers", type=int, default=1, help="runs at a time, sharing the CPU cores (default 1)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per run (default: cores // workers; use 1 on a busy machine)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state; train nothing")
 
     p = sub.add_parser("figures", help="draw the paper's figures and the analysis plots (PNG)")
@@ -71,8 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "ablate":
             from hcral.experiments.ablate import load_spec, run_grid
 
-            command = f"hcral ablate {args.spec} --workers {args.workers}" + (" --dry-run" if args.dry_run else "")
-            results = run_grid(load_spec(args.spec), workers=args.workers, dry_run=args.dry_run, command=command)
+            command = f"hcral ablate {args.spec} --workers {args.workers}"
+            command += (f" --threads {args.threads}" if args.threads else "") + (" --dry-run" if args.dry_run else "")
+            results = run_grid(
+                load_spec(args.spec), workers=args.workers, threads=args.threads, dry_run=args.dry_run, command=command
+            )
             return 1 if any(r.status == "failed" for r in results) else 0
         if args.command == "figures":
             from hcral.experiments.figures import make_figures

@@ -1,0 +1,280 @@
+"""The experiment runner (hcral ablate), its statistics and the figures."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+
+import pytest
+
+from hcral.experiments import ablate
+from hcral.experiments.stats import mean, paired_difference, std, student_t_cdf, student_t_quantile
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("df", "expected"),
+    [(1, 12.706), (2, 4.303), (3, 3.182), (4, 2.776), (9, 2.262), (29, 2.045), (10**7, 1.960)],
+)
+def test_t_quantile_matches_tables(df, expected):
+    assert student_t_quantile(0.975, df) == pytest.approx(expected, abs=5e-4)
+
+
+def test_t_cdf_closed_forms():
+    # df = 1 is Cauchy: F(t) = 1/2 + atan(t)/π; df = 2: F(t) = 1/2 + t / (2 sqrt(2 + t²)).
+    for t in (-7.0, -1.0, 0.0, 0.3, 2.5, 40.0):
+        assert student_t_cdf(t, 1) == pytest.approx(0.5 + math.atan(t) / math.pi, abs=1e-12)
+        assert student_t_cdf(t, 2) == pytest.approx(0.5 + t / (2 * math.sqrt(2 + t * t)), abs=1e-12)
+    assert student_t_quantile(0.025, 4) == pytest.approx(-student_t_quantile(0.975, 4))
+    assert student_t_quantile(0.995, 5) == pytest.approx(4.032, abs=5e-4)
+    with pytest.raises(ValueError, match="p must be in"):
+        student_t_quantile(1.0, 3)
+    with pytest.raises(ValueError, match="df must be"):
+        student_t_cdf(0.0, 0)
+
+
+def test_paired_difference_by_hand():
+    base = {0: 0.30, 1: 0.32, 2: 0.31, 7: 0.5}
+    treat = {0: 0.33, 1: 0.33, 2: 0.35, 5: 0.9}  # seeds 5 and 7 have no partner: left out
+    d = paired_difference(treat, base)
+    assert d.diffs == pytest.approx({0: 0.03, 1: 0.01, 2: 0.04})
+    # mean 0.08/3; sample std of (0.03, 0.01, 0.04) = sqrt(((1/3)^2 + (5/3)^2 + (4/3)^2)/2)·0.01
+    m = 0.08 / 3
+    s = math.sqrt(((0.03 - m) ** 2 + (0.01 - m) ** 2 + (0.04 - m) ** 2) / 2)
+    half = 4.303 * s / math.sqrt(3)
+    assert d.n == 3 and d.mean == pytest.approx(m) and d.std == pytest.approx(s)
+    assert d.ci_low == pytest.approx(m - half, abs=1e-5) and d.ci_high == pytest.approx(m + half, abs=1e-5)  # 4.303 rounded
+    # Five pairs use t_{0.975, 4} = 2.776.
+    d5 = paired_difference({i: float(i * i) for i in range(5)}, {i: 0.0 for i in range(5)})
+    vals = [0.0, 1.0, 4.0, 9.0, 16.0]
+    assert d5.half_width == pytest.approx(2.776 * std(vals) / math.sqrt(5), rel=2e-4)  # table value rounded
+    assert mean(vals) == 6.0
+    # One pair: a difference but no interval.
+    d1 = paired_difference({0: 1.0}, {0: 0.5})
+    assert d1.mean == 0.5 and math.isnan(d1.ci_low) and math.isnan(d1.std)
+    assert paired_difference({}, {}).n == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Runner
+# ---------------------------------------------------------------------------------------------
+
+TINY = [
+    "model.fpn_channels=16", "model.head_channels=16", "model.head_convs=1",
+    "data.synthetic_train=4", "data.synthetic_val=2", "data.synthetic_size=64",
+    "data.short_side=64", "data.max_side=64", "data.batch_size=2", "data.num_workers=0",
+    "train.epochs=1", "train.max_iters=2", "train.warmup_iters=1", "train.log_interval=1", "train.lr=0.01",
+    "eval.batch_size=2",
+]  # fmt: skip
+
+
+def _spec(tmp_path, axes, seeds=(0, 1), baseline=None, **extra):
+    data = {
+        "name": "tiny grid",
+        "base_overrides": TINY,
+        "axes": axes,
+        "seeds": list(seeds),
+        "baseline": baseline or {a: next(iter(v)) for a, v in axes.items()},
+        "out_dir": str(tmp_path / "runs"),
+        "results": str(tmp_path / "results" / "tiny"),
+        **extra,
+    }
+    return ablate.spec_from_dict(data, where="test-spec")
+
+
+GRID = {
+    "det": {"fcos": ["model.detector=fcos_atss"], "atss": ["model.detector=atss"]},
+    "cls": {"focal": ["loss.cls=focal"], "hcra_c": ["loss.cls=hcra_c"]},
+}
+
+
+def _read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_grid_runs_resumes_and_writes_tables(tmp_path):
+    spec = _spec(tmp_path, GRID, baseline={"cls": "focal"})
+    logs: list[str] = []
+    results = ablate.run_grid(spec, in_process=True, threads=1, command="hcral ablate tiny.yaml", log=logs.append)
+    assert [(r.cell, r.seed) for r in results] == [
+        (c, s) for c in ("fcos/focal", "fcos/hcra_c", "atss/focal", "atss/hcra_c") for s in (0, 1)
+    ]
+    assert all(r.status == "ok" and set(r.metrics) == {"AP", "AP50", "AP75"} for r in results), [r.error for r in results]
+    for r in results:
+        assert r.run_dir.endswith(f"{r.cell.replace('/', '__')}/seed{r.seed}")
+        record = json.loads((tmp_path / r.run_dir / ablate.RUN_RECORD).read_text())
+        assert record["status"] == "ok" and record["wall_s"] > 0
+    # The seed and the cell's overrides reached the run's config.
+    cfg = ablate.load_config(tmp_path / "runs" / "atss__hcra_c" / "seed1" / ablate.RUN_CONFIG)
+    assert (cfg.model.detector, cfg.loss.cls, cfg.train.seed, cfg.train.eval_interval) == ("atss", "hcra_c", 1, 0)
+
+    cells = _read_csv(tmp_path / "results" / "tiny.csv")
+    assert list(cells[0]) == [
+        "cell", "det", "cls", "baseline", "n", "n_failed", "n_pending",
+        *(f"{p}{m}{q}" for m in ("AP", "AP50", "AP75") for p, q in
+          [("", "_mean"), ("", "_std"), ("d", "_mean"), ("d", "_ci_low"), ("d", "_ci_high"), ("d", "_n")]),
+        "wall_s_mean",
+    ]  # fmt: skip
+    assert [c["cell"] for c in cells] == ["fcos/focal", "fcos/hcra_c", "atss/focal", "atss/hcra_c"]
+    # Partial baseline: each loss is compared with focal loss on its own detector.
+    assert [c["baseline"] for c in cells] == ["fcos/focal", "fcos/focal", "atss/focal", "atss/focal"]
+    by = {(r.cell, r.seed): r.metrics["AP"] for r in results}
+    expected = paired_difference({s: by[("atss/hcra_c", s)] for s in (0, 1)}, {s: by[("atss/focal", s)] for s in (0, 1)})
+    row = cells[3]
+    assert int(row["n"]) == 2 and int(row["dAP_n"]) == 2
+    assert float(row["AP_mean"]) == pytest.approx(mean([by[("atss/hcra_c", 0)], by[("atss/hcra_c", 1)]]), abs=1e-6)
+    assert float(row["dAP_mean"]) == pytest.approx(expected.mean, abs=1e-6)
+    assert float(row["dAP_ci_high"]) == pytest.approx(expected.ci_high, abs=1e-6)
+    runs = _read_csv(tmp_path / "results" / "tiny_runs.csv")
+    assert len(runs) == 8 and {r["status"] for r in runs} == {"ok"}
+    md = (tmp_path / "results" / "tiny.md").read_text()
+    assert "Command: `hcral ablate tiny.yaml`" in md and "Seeds: 0, 1" in md
+    assert "| cell | n | AP | AP50 | AP75 | ΔAP vs baseline | ΔAP50 vs baseline | ΔAP75 vs baseline | s/run |" in md
+
+    # Re-running trains nothing: every run is found finished and reused, with the same numbers.
+    again = ablate.run_grid(spec, in_process=True, threads=1, log=logs.append)
+    assert all(r.reused for r in again)
+    assert [r.metrics for r in again] == [r.metrics for r in results]
+    assert "8 finished already, 0 failed (stale config), 0 to run" in logs[-1]
+
+
+def test_interrupted_run_is_resumed_and_failures_are_kept(tmp_path):
+    axes = {"variant": {
+        "ok": ["model.detector=fcos_atss"],
+        "bad_assigner": ["model.detector=fcos_atss", "loss.assigner=max_iou"],  # raises in the head
+        "bad_value": ["loss.cls=nope"],  # rejected by the config
+    }}  # fmt: skip
+    spec = _spec(tmp_path, axes, seeds=(0,), baseline="ok")
+    plan = ablate.plan_runs(spec)
+    # A crashed run: its folder has a config and a checkpoint but no metrics.json.
+    first = ablate.run_grid(spec, in_process=True, threads=1, log=lambda s: None)
+    ok_dir = tmp_path / first[0].run_dir
+    (ok_dir / "metrics.json").unlink()
+    ckpt = ablate.load_config(ok_dir / ablate.RUN_CONFIG)
+    assert (ok_dir / "checkpoint.pt").is_file() and ckpt.train.max_iters == 2
+    results = ablate.run_grid(spec, in_process=True, threads=1, log=lambda s: None)
+    assert [r.status for r in results] == ["ok", "failed", "failed"]
+    assert not results[0].reused  # re-run (resumed from its checkpoint at the last iteration)
+    assert "assigner" in results[1].error and "max_iou" in results[1].error
+    assert results[2].error.startswith("config:") and "nope" in results[2].error
+    assert [r.run_dir for r in results] == [str(p.run_dir) for p in plan]
+    runs = _read_csv(tmp_path / "results" / "tiny_runs.csv")
+    assert [r["status"] for r in runs] == ["ok", "failed", "failed"] and "max_iou" in runs[1]["error"]
+    cells = _read_csv(tmp_path / "results" / "tiny.csv")
+    assert [(c["n"], c["n_failed"]) for c in cells] == [("1", "0"), ("0", "1"), ("0", "1")]
+    md = (tmp_path / "results" / "tiny.md").read_text()
+    assert "1 finished, 2 failed" in md and "| `bad_value` | 0 | failed |" in md
+
+    # A changed SPEC does not silently reuse a finished run made with another config.
+    changed = _spec(tmp_path, {"variant": {"ok": ["model.detector=fcos_atss", "train.lr=0.02"]}}, seeds=(0,), baseline="ok")
+    stale = ablate.run_grid(changed, in_process=True, threads=1, log=lambda s: None)
+    assert stale[0].status == "failed" and "different config" in stale[0].error
+
+
+def test_subprocess_workers_and_cli(tmp_path, monkeypatch):
+    import yaml
+
+    from hcral.cli import main
+
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump({
+        "name": "cli grid", "base_overrides": TINY, "seeds": [3],
+        "axes": {"v": {"ok": ["model.detector=fcos_atss"], "bad": ["model.detector=fcos_atss", "loss.assigner=max_iou"]}},
+        "baseline": "ok", "out_dir": str(tmp_path / "runs"), "results": str(tmp_path / "res" / "cli"),
+    }, sort_keys=False))  # fmt: skip
+    assert main(["ablate", str(spec_path), "--dry-run"]) == 0
+    assert not (tmp_path / "res").exists()  # a dry run writes no tables
+    # Two subprocesses at once; the failing one makes the exit status 1 and is in the tables.
+    assert main(["ablate", str(spec_path), "--workers", "2", "--threads", "1"]) == 1
+    runs = _read_csv(tmp_path / "res" / "cli_runs.csv")
+    assert [(r["cell"], r["status"]) for r in runs] == [("ok", "ok"), ("bad", "failed")]
+    assert runs[1]["error"].startswith("exit code 2") and "max_iou" in runs[1]["error"]
+    assert "hcral train" in (tmp_path / "runs" / "bad" / "seed3" / ablate.RUN_LOG).read_text()
+    md = (tmp_path / "res" / "cli.md").read_text()
+    assert f"Command: `hcral ablate {spec_path} --workers 2 --threads 1`" in md
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        ({"axes": {}}, "axes must be a non-empty"),
+        ({"seeds": [0, 0]}, "distinct"),
+        ({"baseline": "nope"}, "baseline 'nope' is not a cell"),
+        ({"baseline": {"v": "zz"}}, "baseline v='zz'"),
+        ({"extra_key": 1}, "unknown key"),
+        ({"axes": {"v": {"a b": []}}}, "value name"),
+    ],
+)
+def test_bad_spec_is_named(tmp_path, data, match):
+    base = {"name": "x", "axes": {"v": {"a": []}}, "seeds": [0], "baseline": "a", "out_dir": "o", "results": "r"}
+    with pytest.raises(ablate.SpecError, match=match):
+        ablate.spec_from_dict({**base, **data}, where="spec.yaml")
+    with pytest.raises(ablate.SpecError, match="not found"):
+        ablate.load_spec(tmp_path / "missing.yaml")
+
+
+def test_committed_specs_are_valid():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    specs = sorted((root / "experiments").glob("*.yaml"))
+    assert specs, "experiments/*.yaml missing"
+    for path in specs:
+        spec = ablate.load_spec(path)
+        assert len(spec.seeds) >= 3, path
+        for run in ablate.plan_runs(spec)[:: len(spec.seeds)]:
+            ablate.load_config(root / spec.base_config if spec.base_config else None, run.overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_png(path) -> bool:
+    return path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_formula_figures(tmp_path):
+    pytest.importorskip("matplotlib")
+    from hcral.experiments import figures
+
+    paths = figures.make_figures(tmp_path, only_curves=True)
+    assert {p.name for p in paths} == {"fig3b_omega.png", "fig3c_t.png"}
+    assert all(_is_png(p) for p in paths)
+    # The curves are the loss functions' own weights.
+    u, omega = figures.omega_curve(mu=0.5, positive=False)
+    assert omega[0] == pytest.approx(1.0) and min(omega) < 1.0
+    q, t = figures.t_curve(gamma=1.0)
+    assert t == pytest.approx([1 - v for v in q], abs=1e-5)
+
+
+def test_model_figures_from_runs(tmp_path):
+    pytest.importorskip("matplotlib")
+    from hcral.experiments import figures
+    from hcral.runner import train
+
+    runs = {}
+    for name, extra in {"base": [], "hcral": ["loss.cls=hcra_c", "loss.reg=hcra_r", "loss.assigner=eatss"]}.items():
+        cfg = ablate.load_config(None, [*TINY, "model.detector=fcos_atss", "train.max_iters=3", *extra, f"out_dir={tmp_path / name}"])
+        train(cfg, progress=False)
+        runs[name] = tmp_path / name
+    paths = figures.make_figures(tmp_path / "img", baseline_run=runs["base"], hcral_run=runs["hcral"])
+    names = {p.name for p in paths}
+    assert {"fig3a_score_iou.png", "fig_priors_weights.png", "fig_loss_curves.png"} <= names
+    assert all(_is_png(p) for p in paths)
+    data = figures.prior_data(runs["hcral"], image_index=0)
+    n = data["centers"].shape[0]
+    assert data["w"].shape == (n,) and data["omega"].shape == (n,)
+    assert data["rho"].shape == data["t"].shape == (int(data["pos"].sum()),)
+    assert bool((data["expanded"] <= data["pos"]).all())
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
