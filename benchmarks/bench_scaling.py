@@ -26,7 +26,6 @@ import torch
 
 from benchmarks import bench_assign, bench_cls_loss
 from benchmarks.common import add_common_args, interleaved, median, print_table, setup_threads, write_json
-from hcral import losses as L
 
 PLOT_PATH = Path(__file__).resolve().parent.parent / "docs" / "img" / "scaling.png"
 

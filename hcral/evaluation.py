@@ -9,15 +9,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
-import os
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from hcral.utils import write_json_atomic  # re-exported: part of this module's API
 
 __all__ = ["METRIC_KEYS", "coco_evaluate", "detections_to_coco", "write_json_atomic"]
 
@@ -30,7 +28,6 @@ _AREA_RANGES: tuple[tuple[float, float], ...] = (
     (32.0**2, 96.0**2),
     (96.0**2, 1e5**2),
 )
-_FILE_MODE = 0o644
 # pycocotools' value for "no ground truth in this range".
 _NO_GT = -1.0
 
@@ -197,26 +194,3 @@ def _to_numpy(values: torch.Tensor | np.ndarray | Sequence[Any]) -> np.ndarray:
     if isinstance(values, torch.Tensor):
         return values.detach().cpu().numpy()
     return np.asarray(values)
-
-
-def write_json_atomic(path: str | Path, obj: Any, *, indent: int | None = None) -> Path:
-    """Write ``obj`` as JSON to ``path`` atomically: a temporary file in the same folder, flushed
-    and fsynced, then ``os.replace`` over ``path``, so readers never see a partial file. Parent
-    folders are created. Returns ``path``.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as tmp:
-            json.dump(obj, tmp, indent=indent)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        # mkstemp creates the file owner-only; give it an ordinary file's permissions.
-        os.chmod(tmp_name, _FILE_MODE)
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    return path

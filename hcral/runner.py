@@ -26,7 +26,7 @@ from hcral.data import CocoDataset, SyntheticShapes, VOCDataset, build_transform
 from hcral.engine import evaluate, train_one_epoch
 from hcral.models.build import build_model
 from hcral.models.detector import Detector
-from hcral.utils import rng_state, seed_everything, set_rng_state, torch_save_atomic, write_text_atomic
+from hcral.utils import rng_state, seed_everything, set_rng_state, torch_save_atomic, write_json_atomic
 
 # Pad inputs to a multiple of this: the coarsest backbone stride (C5, 32), as MMDetection pads.
 SIZE_DIVISOR = 32
@@ -323,8 +323,8 @@ def run_evaluation(cfg: Config, model: Detector, dataset: Dataset, device: torch
     metrics, detections = evaluate(model, loader, dataset, device, amp=cfg.train.amp)
     if D.is_main_process() and metrics is not None:
         out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
-        write_text_atomic(out / "detections.json", json.dumps(detections))
+        write_json_atomic(out / "metrics.json", metrics, indent=2)
+        write_json_atomic(out / "detections.json", detections)
     return metrics or {}
 
 
@@ -382,5 +382,5 @@ def predict(cfg: Config, checkpoint: str | Path, images: list[str | Path], out_d
             d["file_name"] = path.name
         results.extend(dets)
         draw_detections(image, dets, class_names, cat_ids).save(out / f"{path.stem}.png")
-    write_text_atomic(out / "predictions.json", json.dumps(results))
+    write_json_atomic(out / "predictions.json", results)
     return results

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import tempfile
@@ -12,8 +13,13 @@ import numpy as np
 import torch
 
 
-def _atomic_replace(path: str | Path, write: Any) -> None:
-    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
+# mkstemp creates files owner-only; results are ordinary files.
+_FILE_MODE = 0o644
+
+
+def _atomic_replace(path: str | Path, write: Any) -> Path:
+    """Write through a temporary file in the same folder, fsync, then rename: readers never see
+    half a file, and a crash leaves the old file intact. Parent folders are created."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -22,15 +28,21 @@ def _atomic_replace(path: str | Path, write: Any) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    return path
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    _atomic_replace(path, lambda f: f.write(text.encode()))
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    return _atomic_replace(path, lambda f: f.write(text.encode()))
+
+
+def write_json_atomic(path: str | Path, obj: Any, *, indent: int | None = None) -> Path:
+    return write_text_atomic(path, json.dumps(obj, indent=indent))
 
 
 def torch_save_atomic(obj: Any, path: str | Path) -> None:

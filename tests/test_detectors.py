@@ -16,7 +16,7 @@ from hcral.cli import main as cli_main
 from hcral.config import Config, load_config
 from hcral.data import collate
 from hcral.models.build import build_model
-from hcral.runner import CHECKPOINT, build_dataset, load_checkpoint, predict, train
+from hcral.runner import CHECKPOINT, build_dataset, load_checkpoint, train
 
 RACCOON = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "raccoon"
 METRIC_KEYS = {"AP", "AP50", "AP75", "APs", "APm", "APl"}
