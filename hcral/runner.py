@@ -162,11 +162,6 @@ def unwrap(model: torch.nn.Module) -> Detector:
     return model.module if hasattr(model, "module") else model
 
 
-def save_checkpoint(path: Path, **state: Any) -> None:
-    """Everything a resume needs, written atomically (temp file + rename)."""
-    torch_save_atomic(state, path)
-
-
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -263,11 +258,13 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True) -> dict[s
     def checkpoint() -> None:
         states = D.all_gather_objects(rng_state())
         if main:
-            save_checkpoint(
-                ckpt_path, model=unwrap(model).state_dict(), optimizer=optimizer.state_dict(),
+            # Everything a resume needs, written atomically (temp file + rename).
+            state = dict(
+                model=unwrap(model).state_dict(), optimizer=optimizer.state_dict(),
                 scheduler=scheduler.state_dict(), rng=states, config=config_to_dict(cfg),
                 class_names=list(train_set.class_names), cat_ids=list(train_set.cat_ids), **position,
             )
+            torch_save_atomic(state, ckpt_path)
 
     bar = _progress(total_iters, global_iter, progress and main)
     started = time.perf_counter()

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from hcral.ops.boxes import clip_boxes as ops_clip_boxes
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -110,8 +112,7 @@ def empty_target(height: int, width: int, *, image_id: int = 0, file_name: str =
 def clip_boxes(boxes: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Clip ``boxes (M, 4)`` to ``[0, width] x [0, height]``; also return the mask ``(M,)`` of the
     boxes whose width and height stay > 0."""
-    limits = torch.tensor([width, height, width, height], dtype=boxes.dtype)
-    clipped = torch.minimum(boxes.clamp(min=0.0), limits)  # (M, 4)
+    clipped = ops_clip_boxes(boxes, (height, width))  # (M, 4)
     keep = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])  # (M,)
     return clipped, keep
 

@@ -17,6 +17,8 @@ shape ``(P,)``, 'mean' divides the sum by ``avg_factor`` when given, else averag
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import Tensor, nn
 
 from hcral.losses._reduction import check_reduction, weight_reduce_loss
@@ -179,13 +181,16 @@ def focal_eiou_loss(
 class _BoxLoss(nn.Module):
     """Shared module wrapper: keeps reduction, eps and loss_weight, forwards to a box loss."""
 
-    def __init__(self, *, reduction: str, eps: float, loss_weight: float) -> None:
+    def __init__(self, *, reduction: str = "mean", eps: float = EPS, loss_weight: float = 1.0) -> None:
         super().__init__()
         check_reduction(reduction, where=type(self).__name__)
         self.reduction, self.eps, self.loss_weight = reduction, eps, loss_weight
 
-    def _loss(self, pred: Tensor, target: Tensor, **kwargs) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    # The functional loss the module wraps (a staticmethod in each subclass).
+    loss_fn: Callable[..., Tensor]
+
+    def _loss(self, pred: Tensor, target: Tensor, **kwargs) -> Tensor:
+        return self.loss_fn(pred, target, **kwargs)
 
     def forward(
         self, pred: Tensor, target: Tensor, weight: Tensor | None = None, *, avg_factor: float | Tensor | None = None
@@ -212,41 +217,25 @@ class IoULoss(_BoxLoss):
 class GIoULoss(_BoxLoss):
     """Module form of :func:`giou_loss`."""
 
-    def __init__(self, *, reduction: str = "mean", eps: float = EPS, loss_weight: float = 1.0) -> None:
-        super().__init__(reduction=reduction, eps=eps, loss_weight=loss_weight)
-
-    def _loss(self, pred: Tensor, target: Tensor, **kwargs) -> Tensor:
-        return giou_loss(pred, target, **kwargs)
+    loss_fn = staticmethod(giou_loss)
 
 
 class DIoULoss(_BoxLoss):
     """Module form of :func:`diou_loss`."""
 
-    def __init__(self, *, reduction: str = "mean", eps: float = EPS, loss_weight: float = 1.0) -> None:
-        super().__init__(reduction=reduction, eps=eps, loss_weight=loss_weight)
-
-    def _loss(self, pred: Tensor, target: Tensor, **kwargs) -> Tensor:
-        return diou_loss(pred, target, **kwargs)
+    loss_fn = staticmethod(diou_loss)
 
 
 class CIoULoss(_BoxLoss):
     """Module form of :func:`ciou_loss`."""
 
-    def __init__(self, *, reduction: str = "mean", eps: float = EPS, loss_weight: float = 1.0) -> None:
-        super().__init__(reduction=reduction, eps=eps, loss_weight=loss_weight)
-
-    def _loss(self, pred: Tensor, target: Tensor, **kwargs) -> Tensor:
-        return ciou_loss(pred, target, **kwargs)
+    loss_fn = staticmethod(ciou_loss)
 
 
 class EIoULoss(_BoxLoss):
     """Module form of :func:`eiou_loss`."""
 
-    def __init__(self, *, reduction: str = "mean", eps: float = EPS, loss_weight: float = 1.0) -> None:
-        super().__init__(reduction=reduction, eps=eps, loss_weight=loss_weight)
-
-    def _loss(self, pred: Tensor, target: Tensor, **kwargs) -> Tensor:
-        return eiou_loss(pred, target, **kwargs)
+    loss_fn = staticmethod(eiou_loss)
 
 
 class FocalEIoULoss(_BoxLoss):
