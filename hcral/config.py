@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from hcral import defaults as D
+
 Detector = Literal["retinanet", "atss", "fcos_atss"]
 Backbone = Literal["small", "resnet18", "resnet34", "resnet50", "resnet101"]
 ClsLoss = Literal["focal", "ghmc", "qfl", "vfl", "hcra_c"]
@@ -62,11 +64,11 @@ class LossConfig:
     ghm_momentum: float = 0.75
     # Focal-EIoU (Zhang et al. 2022).
     focal_eiou_gamma: float = 0.5
-    # HCRAL (formulation §6; provisional defaults).
-    hcra_alpha: float = -0.1
-    hcra_theta: float = 2.0
-    hcra_mu: float = 0.5
-    hcra_ep: float = 1.0
+    # HCRAL (formulation §6): defaults in hcral/defaults.py, as the sweeps chose them.
+    hcra_alpha: float = D.HCRA_ALPHA
+    hcra_theta: float = D.HCRA_THETA
+    hcra_mu: float = D.HCRA_MU
+    hcra_ep: float = D.HCRA_EP
     # γ of CF_reg; None takes the detector's default: 0.5 for RetinaNet, 0 for ATSS and FCOS+ATSS (§6).
     hcra_gamma: float | None = None
     hcra_cls_rci: bool = True
@@ -78,7 +80,7 @@ class LossConfig:
     hcra_fused: bool = False
     # Assigners.
     atss_topk: int = 9
-    eatss_max_extra: int = 4
+    eatss_max_extra: int = D.EATSS_MAX_EXTRA
     pos_iou: float = 0.5
     neg_iou: float = 0.4
 

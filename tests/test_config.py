@@ -80,3 +80,27 @@ def test_synthetic_configs_are_the_demo_and_its_baseline():
     assert hcral_cfg == demo_config(hcral_cfg.out_dir)
     base_cfg = load_config(root / "synthetic_fcos_atss_baseline.yaml")
     assert base_cfg == baseline_of(demo_config(base_cfg.out_dir))
+
+
+def test_hcral_defaults_are_the_same_everywhere():
+    # One source (hcral/defaults.py, §6): the config fields, the functions and the modules agree.
+    import inspect
+
+    from hcral import defaults as D
+    from hcral import losses as L
+    from hcral.assign import eatss_assign, eatss_assign_batched
+    from hcral.models.heads.retinanet import RetinaNetHead
+
+    loss = Config().loss
+    assert (loss.hcra_alpha, loss.hcra_theta, loss.hcra_mu, loss.hcra_ep, loss.eatss_max_extra) == (
+        D.HCRA_ALPHA, D.HCRA_THETA, D.HCRA_MU, D.HCRA_EP, D.EATSS_MAX_EXTRA,
+    )
+    for fn in (L.hcra_cls_loss, L.cls_weights, L.HCRAClassificationLoss.__init__, L.hcra_cls_loss_fused):
+        p = inspect.signature(fn).parameters
+        assert (p["alpha"].default, p["theta"].default, p["mu"].default) == (D.HCRA_ALPHA, D.HCRA_THETA, D.HCRA_MU)
+    for fn in (L.hcra_reg_loss, L.reg_weights, L.HCRARegressionLoss.__init__):
+        p = inspect.signature(fn).parameters
+        assert (p["alpha"].default, p["ep"].default) == (D.HCRA_ALPHA, D.HCRA_EP)
+    for fn in (eatss_assign, eatss_assign_batched):
+        assert inspect.signature(fn).parameters["max_extra"].default == D.EATSS_MAX_EXTRA
+    assert RetinaNetHead.default_hcra_gamma == D.HCRA_GAMMA_RETINANET

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from hcral import losses as L
+from hcral.defaults import HCRA_THETA
 from hcral.ops import boxes as B
 
 
@@ -86,9 +87,9 @@ def test_omega_hand_values():
 
 def test_w_hand_values():
     # Negative, p = 0.6, u = 0.3, α = -0.1: r = 0.4, s = +1, w = 2σ(θ·0.4) with θ = 2.
-    assert _weights_at(0.6, 0.0, 0.3)[2].item() == pytest.approx(2 * _sigmoid(0.8), abs=1e-12)
+    assert _weights_at(0.6, 0.0, 0.3, theta=2.0)[2].item() == pytest.approx(2 * _sigmoid(0.8), abs=1e-12)
     # The same point as a positive: s = -1.
-    assert _weights_at(0.6, 1.0, 0.3)[2].item() == pytest.approx(2 * _sigmoid(-0.8), abs=1e-12)
+    assert _weights_at(0.6, 1.0, 0.3, theta=2.0)[2].item() == pytest.approx(2 * _sigmoid(-0.8), abs=1e-12)
     # θ = 3, α = 0.05, positive at p = 0.2, u = 0.9: r = -0.75, w = 2σ(2.25).
     w = _weights_at(0.2, 1.0, 0.9, theta=3.0, alpha=0.05)[2].item()
     assert w == pytest.approx(2 * _sigmoid(2.25), abs=1e-12)
@@ -191,7 +192,7 @@ def test_hcra_cls_module_state_and_repr():
     # Without momentum the module is the function.
     plain = L.HCRAClassificationLoss(momentum=0.0, loss_weight=2.0)
     torch.testing.assert_close(plain(logits, targets, ious), 2.0 * L.hcra_cls_loss(logits, targets, ious))
-    assert "theta=2.0" in repr(module)
+    assert f"theta={HCRA_THETA}" in repr(module)
 
 
 def test_hcra_cls_gradient_treats_weights_as_constants():

@@ -45,6 +45,7 @@ from hcral.assign.utils import (
     resolve_max_pairs,
     sq_center_dist,
 )
+from hcral.defaults import EATSS_MAX_EXTRA
 from hcral.ops.boxes import aligned_iou
 
 __all__ = ["eatss_assign", "eatss_assign_batched"]
@@ -78,7 +79,7 @@ def eatss_assign_batched(
     pred_boxes: Tensor | None = None,
     pred_scores: Tensor | None = None,
     topk: int = 9,
-    max_extra: int = 4,
+    max_extra: int = EATSS_MAX_EXTRA,
     center_margin: float = CENTER_MARGIN,
     max_pairs: int | None = None,
 ) -> Assignment:
@@ -196,7 +197,7 @@ def eatss_assign(
     pred_boxes: Tensor | None = None,
     pred_scores: Tensor | None = None,
     topk: int = 9,
-    max_extra: int = 4,
+    max_extra: int = EATSS_MAX_EXTRA,
     center_margin: float = CENTER_MARGIN,
     max_pairs: int | None = None,
 ) -> Assignment:

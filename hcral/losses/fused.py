@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hcral.defaults import HCRA_ALPHA, HCRA_MU, HCRA_THETA
 from hcral.losses._reduction import AVG_FACTOR_EPS, upcast
 from hcral.losses.ghm import _valid_mask, check_ghm_args, ghm_edges, ghm_table, valid_count
 from hcral.losses.hcra import HCRAClassificationLoss, _check_cls_hparams, _check_cls_inputs, _hcra_cls_loss
@@ -187,9 +188,9 @@ def hcra_cls_loss_fused(
     ious: Tensor,
     valid: Tensor | None = None,
     *,
-    alpha: float = -0.1,
-    theta: float = 2.0,
-    mu: float = 0.5,
+    alpha: float = HCRA_ALPHA,
+    theta: float = HCRA_THETA,
+    mu: float = HCRA_MU,
     bins: int = 10,
     use_rci: bool = True,
     use_cf: bool = True,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from hcral.defaults import HCRA_ALPHA, HCRA_EP, HCRA_MU, HCRA_THETA
 from hcral.losses._reduction import check_boxes, check_ndim, check_shape, upcast
 from hcral.losses.ghm import check_ghm_hparams, gather_beta, ghm_bins, weighted_bce_loss
 from hcral.ops.boxes import EPS, AlignedBoxTerms, aligned_box_terms, diou_penalty_from_terms, giou_from_terms
@@ -31,7 +32,7 @@ HCRA_REG_EPS = 1e-6
 # ---------------------------------------------------------------------------------------------
 
 
-def rci(scores: Tensor, ious: Tensor, *, alpha: float = -0.1) -> Tensor:
+def rci(scores: Tensor, ious: Tensor, *, alpha: float = HCRA_ALPHA) -> Tensor:
     """§2, residual of classification and IoU: ``r = p - u - α`` (detached, float32 at least).
 
     Region 1 is ``r > 0`` (score ahead of localisation), region 2 is ``r <= 0``; the boundary is the
@@ -118,9 +119,9 @@ def cls_weights(
     ious: Tensor,
     valid: Tensor | None = None,
     *,
-    alpha: float = -0.1,
-    theta: float = 2.0,
-    mu: float = 0.5,
+    alpha: float = HCRA_ALPHA,
+    theta: float = HCRA_THETA,
+    mu: float = HCRA_MU,
     bins: int = 10,
     use_rci: bool = True,
     use_cf: bool = True,
@@ -182,9 +183,9 @@ def hcra_cls_loss(
     ious: Tensor,
     valid: Tensor | None = None,
     *,
-    alpha: float = -0.1,
-    theta: float = 2.0,
-    mu: float = 0.5,
+    alpha: float = HCRA_ALPHA,
+    theta: float = HCRA_THETA,
+    mu: float = HCRA_MU,
     bins: int = 10,
     use_rci: bool = True,
     use_cf: bool = True,
@@ -234,9 +235,9 @@ class HCRAClassificationLoss(nn.Module):
     def __init__(
         self,
         *,
-        alpha: float = -0.1,
-        theta: float = 2.0,
-        mu: float = 0.5,
+        alpha: float = HCRA_ALPHA,
+        theta: float = HCRA_THETA,
+        mu: float = HCRA_MU,
         bins: int = 10,
         momentum: float = 0.75,
         use_rci: bool = True,
@@ -325,8 +326,8 @@ def reg_weights(
     target_boxes: Tensor,
     scores: Tensor,
     *,
-    alpha: float = -0.1,
-    ep: float = 1.0,
+    alpha: float = HCRA_ALPHA,
+    ep: float = HCRA_EP,
     gamma: float = 0.0,
     use_rci: bool = True,
     use_cf: bool = True,
@@ -350,8 +351,8 @@ def hcra_reg_loss(
     scores: Tensor,
     weight: Tensor | None = None,
     *,
-    alpha: float = -0.1,
-    ep: float = 1.0,
+    alpha: float = HCRA_ALPHA,
+    ep: float = HCRA_EP,
     gamma: float = 0.0,
     use_rci: bool = True,
     use_cf: bool = True,
@@ -411,8 +412,8 @@ class HCRARegressionLoss(nn.Module):
     def __init__(
         self,
         *,
-        alpha: float = -0.1,
-        ep: float = 1.0,
+        alpha: float = HCRA_ALPHA,
+        ep: float = HCRA_EP,
         gamma: float = 0.0,
         use_rci: bool = True,
         use_cf: bool = True,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from hcral.assign import Assignment, max_iou_assign
+from hcral.defaults import HCRA_GAMMA_RETINANET
 from hcral.models.heads.anchor_head import AnchorHead
 from hcral.models.heads.dense_head import PriorLayout
 
@@ -17,7 +18,7 @@ class RetinaNetHead(AnchorHead):
     group_norm = False
     with_centerness = False
     use_scales = False
-    default_hcra_gamma = 0.5  # formulation §6: γ = 0.5 for RetinaNet
+    default_hcra_gamma = HCRA_GAMMA_RETINANET  # formulation §6
 
     def __init__(
         self,
