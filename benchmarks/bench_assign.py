@@ -315,7 +315,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[(20_000, 100), (20_000, 1000), (100_000, 100), (100_000, 1000), (200_000, 1000)],
         help="NxM pairs for the peak-memory runs, e.g. 200000x1000",
     )  # fmt: skip
-    p.add_argument("--tag", default="", help="suffix of the JSON name")
     p.add_argument("--memory-child", nargs=4, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 

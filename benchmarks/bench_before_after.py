@@ -125,7 +125,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
     p.add_argument("--ref", default="e96bb5c", help="git revision of the 'before' code")
-    p.add_argument("--tag", default="", help="suffix of the JSON name")
     return p.parse_args(argv)
 
 

@@ -207,7 +207,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--images", type=int, default=16)
     p.add_argument("--priors", type=int, default=PRIORS_PER_IMAGE)
     p.add_argument("--no-fused", action="store_true", help="skip the torch.compile path")
-    p.add_argument("--tag", default="", help="suffix of the JSON name, e.g. _before")
     return p.parse_args(argv)
 
 

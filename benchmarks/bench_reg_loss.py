@@ -87,7 +87,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_common_args(p)
     p.add_argument("--positives", type=int, default=NUM_POSITIVES)
     p.add_argument("--inner", type=int, default=50, help="calls per timed sample")
-    p.add_argument("--tag", default="", help="suffix of the JSON name")
     return p.parse_args(argv)
 
 

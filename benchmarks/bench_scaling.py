@@ -155,7 +155,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-fused", action="store_true", help="skip the torch.compile path")
     p.add_argument("--max-ref-pairs", type=float, default=2.1e7, help="skip the dense reference above N·M pairs")
-    p.add_argument("--tag", default="", help="suffix of the JSON name")
     p.add_argument("--replot", type=Path, default=None, help="only redraw the plot from this scaling JSON")
     return p.parse_args(argv)
 

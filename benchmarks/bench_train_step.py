@@ -257,7 +257,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_common_args(p)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one step of each")
-    p.add_argument("--tag", default="", help="suffix of the JSON name")
     return p.parse_args(argv)
 
 

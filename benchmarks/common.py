@@ -41,6 +41,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs of each contender first")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/<name>.json)")
+    parser.add_argument("--tag", default="", help="suffix of the JSON name, e.g. _before")
 
 
 def setup_threads(threads: int | None) -> None:

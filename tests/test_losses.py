@@ -322,6 +322,12 @@ def test_ghmc_module_state():
 # ---------------------------------------------------------------------------------------------
 
 
+def _ddp_reg_inputs():
+    pred, target = _boxes(8, seed=7, dtype=torch.float32)
+    g = torch.Generator().manual_seed(8)
+    return pred, target, torch.rand(8, generator=g), torch.rand(8, generator=g)
+
+
 def _ddp_worker(rank, world, init_file, out_dir, logits, targets, ious):
     import torch.distributed as dist
 
@@ -334,9 +340,12 @@ def _ddp_worker(rank, world, init_file, out_dir, logits, targets, ious):
         hcra = L.HCRAClassificationLoss(bins=10, momentum=0.75)
         ghm_losses = [ghm(x, t) for _ in range(2)]
         hcra_losses = [hcra(x, t, u) for _ in range(2)]
+        pred, target, score, h = _ddp_reg_inputs()
+        half = slice(rank * pred.shape[0] // world, (rank + 1) * pred.shape[0] // world)
+        reg = L.hcra_reg_loss(pred[half], target[half], score[half], h[half], gamma=0.5, sync_denominator=True)
         torch.save(
             dict(beta=beta, normaliser=normaliser, ghm=torch.stack(ghm_losses), hcra=torch.stack(hcra_losses),
-                 ghm_acc=ghm.acc_sum, hcra_acc=hcra.acc_sum),
+                 ghm_acc=ghm.acc_sum, hcra_acc=hcra.acc_sum, reg=reg),
             Path(out_dir) / f"rank{rank}.pt",
         )  # fmt: skip
     finally:
@@ -371,6 +380,10 @@ def test_sync_counts_under_two_process_gloo(tmp_path):
     for r in ranks:
         torch.testing.assert_close(r["ghm_acc"], ghm.acc_sum)
         torch.testing.assert_close(r["hcra_acc"], hcra.acc_sum)
+    # HCRA-R with the denominator Σ ρ·t·h averaged over ranks (§4): the mean is the full-batch loss.
+    pred, target, score, h = _ddp_reg_inputs()
+    reg_full = L.hcra_reg_loss(pred, target, score, h, gamma=0.5, sync_denominator=True)
+    torch.testing.assert_close(sum(r["reg"] for r in ranks) / world, reg_full)
 
 
 # ---------------------------------------------------------------------------------------------

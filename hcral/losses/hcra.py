@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from hcral.defaults import HCRA_ALPHA, HCRA_EP, HCRA_MU, HCRA_THETA
+from hcral.distributed import reduce_mean
 from hcral.losses._reduction import check_boxes, check_ndim, check_shape, upcast
 from hcral.losses.ghm import check_ghm_hparams, gather_beta, ghm_bins, weighted_bce_loss
 from hcral.ops.boxes import EPS, AlignedBoxTerms, aligned_box_terms, diou_penalty_from_terms, giou_from_terms
@@ -358,6 +359,7 @@ def hcra_reg_loss(
     use_cf: bool = True,
     eps: float = HCRA_REG_EPS,
     avg_factor: float | Tensor | None = None,
+    sync_denominator: bool = False,
     box_eps: float = EPS,
 ) -> Tensor:
     """HCRA-R, the regression loss of HCRAL over positives (§4)::
@@ -378,6 +380,9 @@ def hcra_reg_loss(
         avg_factor: replaces ``Σ ρ·t·h`` in the denominator, e.g. its mean over DDP processes
             (§4: "the sum in the denominator is averaged over processes under DDP"); still clamped
             at ``eps``.
+        sync_denominator: average ``Σ ρ·t·h`` over processes when torch.distributed is
+            initialised (§4, DDP), so every rank divides by the same number; ignored with
+            ``avg_factor``.
         box_eps: ε of the box geometry (:func:`~hcral.ops.boxes.aligned_box_terms`).
 
     Returns:
@@ -396,6 +401,8 @@ def hcra_reg_loss(
     sample_weight = rho * t * h  # (P,), detached
     if avg_factor is None:
         denom = sample_weight.sum()
+        if sync_denominator:
+            denom = reduce_mean(denom)
     elif isinstance(avg_factor, Tensor):
         denom = avg_factor.detach().to(loss.dtype)
     else:
@@ -406,7 +413,7 @@ def hcra_reg_loss(
 class HCRARegressionLoss(nn.Module):
     """Module form of :func:`hcra_reg_loss` (§4); the result is multiplied by ``loss_weight``.
 
-    It keeps no state: under DDP pass ``avg_factor`` (the process-averaged ``Σ ρ·t·h``) to forward.
+    It keeps no state; ``sync_denominator=True`` averages ``Σ ρ·t·h`` over DDP processes (§4).
     """
 
     def __init__(
@@ -419,12 +426,14 @@ class HCRARegressionLoss(nn.Module):
         use_cf: bool = True,
         eps: float = HCRA_REG_EPS,
         loss_weight: float = 1.0,
+        sync_denominator: bool = False,
         box_eps: float = EPS,
     ) -> None:
         super().__init__()
         _check_reg_hparams(alpha, ep, gamma, where="HCRARegressionLoss")
         self.alpha, self.ep, self.gamma, self.use_rci, self.use_cf = alpha, ep, gamma, use_rci, use_cf
         self.eps, self.loss_weight, self.box_eps = eps, loss_weight, box_eps
+        self.sync_denominator = sync_denominator
 
     def forward(
         self,
@@ -437,7 +446,8 @@ class HCRARegressionLoss(nn.Module):
     ) -> Tensor:
         loss = hcra_reg_loss(
             pred_boxes, target_boxes, scores, weight, alpha=self.alpha, ep=self.ep, gamma=self.gamma,
-            use_rci=self.use_rci, use_cf=self.use_cf, eps=self.eps, avg_factor=avg_factor, box_eps=self.box_eps,
+            use_rci=self.use_rci, use_cf=self.use_cf, eps=self.eps, avg_factor=avg_factor,
+            sync_denominator=self.sync_denominator, box_eps=self.box_eps,
         )  # fmt: skip
         return self.loss_weight * loss
 

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from hcral import losses as L
 from hcral.assign import Assignment
 from hcral.config import EvalConfig, LossConfig
-from hcral.distributed import is_dist, reduce_mean
+from hcral.distributed import reduce_mean
 from hcral.models.postprocess import select_detections
 from hcral.ops.boxes import aligned_iou, box_centers, box_iou, clip_boxes
 
@@ -297,17 +297,10 @@ class DenseHead(nn.Module):
     def _reg_loss(self, pred: Tensor, target: Tensor, score: Tensor, h: Tensor) -> Tensor:
         c = self.loss_cfg
         if c.reg == "hcra_r":
-            avg_factor = None
-            if is_dist():
-                # §4: the denominator Σ ρ t h is averaged over processes.
-                rho, t = L.reg_weights(
-                    pred.detach(), target, score, alpha=c.hcra_alpha, ep=c.hcra_ep, gamma=self.hcra_gamma,
-                    use_rci=c.hcra_reg_rci, use_cf=c.hcra_reg_cf,
-                )
-                avg_factor = reduce_mean((rho * t * h).sum()).clamp(min=1e-6)
+            # §4: under DDP the denominator Σ ρ t h is averaged over processes (a no-op in one process).
             return L.hcra_reg_loss(
                 pred, target, score, h, alpha=c.hcra_alpha, ep=c.hcra_ep, gamma=self.hcra_gamma,
-                use_rci=c.hcra_reg_rci, use_cf=c.hcra_reg_cf, avg_factor=avg_factor,
+                use_rci=c.hcra_reg_rci, use_cf=c.hcra_reg_cf, sync_denominator=True,
             )
         # Σ h·L / Σ h, the denominator averaged over processes (as MMDetection's ATSS/FCOS heads).
         avg_factor = reduce_mean(h.sum()).clamp(min=1e-6)
