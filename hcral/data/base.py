@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,34 +10,91 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+import torchvision.transforms.v2.functional as TF
+from PIL import ExifTags, Image
+from torch import Tensor
 from torch.utils.data import Dataset
+from torchvision.io import ImageReadMode, decode_image, read_file
 
 from hcral.data.errors import DatasetError
-from hcral.data.transforms import ToTensor, clip_boxes, to_rgb
+from hcral.data.transforms import ToTensor, clip_boxes, image_size
 
-__all__ = ["DetectionDataset", "ImageRecord", "load_image"]
+__all__ = ["DetectionDataset", "ImageRecord", "load_image", "read_image_size"]
 
 Transform = Callable[[Any, dict[str, Any]], tuple[Any, dict[str, Any]]]
 
+# What torchvision.io decodes (PIL's format names); the only ones whose EXIF orientation it applies.
+DECODED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF")
+EXIF_ORIENTED_FORMATS = ("JPEG", "PNG")
+# EXIF orientations 5-8 turn the stored image by 90 degrees (with or without a mirror).
+_QUARTER_TURN_ORIENTATIONS = (5, 6, 7, 8)
+# torchvision's decoder errors read "<function>, <source file>.cpp:<line>, <message>".
+_CPP_LOCATION = re.compile(r"^[^,]+, \S+:\d+, ")
 
-def load_image(path: str | Path) -> Image.Image:
-    """Decode ``path`` fully into an RGB PIL image (see :func:`hcral.data.transforms.to_rgb`).
+
+def load_image(path: str | Path) -> Tensor:
+    """Decode ``path`` into a uint8 RGB tensor ``(3, H, W)`` with ``torchvision.io``.
+
+    JPEG, PNG, WebP and GIF (its first frame) are read; the EXIF orientation of JPEG and PNG is
+    applied, so ``(H, W)`` is the upright image (:func:`read_image_size` gives it from the header).
+    Grey, grey + alpha, palette, RGBA and CMYK become RGB (alpha is dropped: the colour stored under
+    transparent pixels is kept, as OpenCV's ``imread(IMREAD_COLOR)`` does for MMDetection);
+    16-bit PNG is scaled to 8 bits.
 
     Raises:
-        DatasetError: naming ``path`` if the file is missing or cannot be decoded.
+        DatasetError: naming ``path`` if the file is missing or empty, is not an image of those
+            formats, or cannot be decoded (truncated, corrupt).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: image file not found")
+    if path.stat().st_size == 0:
+        raise DatasetError(f"{path}: cannot read image: the file is empty")
+    try:
+        image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    except RuntimeError as error:
+        message = _CPP_LOCATION.sub("", str(error).splitlines()[0])
+        raise DatasetError(f"{path}: cannot read image: {message}") from error
+    if image.dim() == 4:  # an animated GIF: (frames, 3, H, W)
+        image = image[0]
+    return TF.to_dtype(image, torch.uint8, scale=True)  # 16-bit PNG decodes to uint16
+
+
+def read_image_size(path: str | Path) -> tuple[int, int]:
+    """``(height, width)`` of :func:`load_image`'s tensor for ``path``, from the file header alone.
+
+    PIL reads the header (size, format, EXIF) without decoding pixels; orientations 5-8 of a JPEG
+    or PNG swap height and width, as :func:`load_image` turns the image upright. A truncated or
+    corrupt body is only found by :func:`load_image`.
+
+    Raises:
+        DatasetError: naming ``path`` if the file is missing, has no readable image header, or is
+            of a format :func:`load_image` cannot decode.
     """
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: image file not found")
     try:
         with Image.open(path) as image:
-            image.load()
-            return to_rgb(image)
+            width, height = image.size
+            file_format = image.format
+            # Only the EXIF seen before the pixel data (PIL's ``getexif`` would decode a PNG to find
+            # a later one, and torchvision does not look there).
+            raw_exif = image.info.get("exif")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        # PIL reports undecodable bytes as UnidentifiedImageError (an OSError), truncated data as
-        # OSError, some broken headers as SyntaxError/ValueError.
-        raise DatasetError(f"{path}: cannot read image: {error}") from error
+        raise DatasetError(f"{path}: cannot read image header: {error}") from error
+    if file_format not in DECODED_FORMATS:
+        raise DatasetError(
+            f"{path}: {file_format} images are not supported; load_image reads {', '.join(DECODED_FORMATS)}"
+        )
+    orientation = 1
+    if raw_exif and file_format in EXIF_ORIENTED_FORMATS:
+        exif = Image.Exif()
+        exif.load(raw_exif)
+        orientation = exif.get(ExifTags.Base.Orientation, 1)
+    if orientation in _QUARTER_TURN_ORIENTATIONS:
+        return width, height
+    return height, width
 
 
 @dataclass
@@ -120,13 +178,13 @@ class DetectionDataset(Dataset):
         """The annotation of image ``index`` in original pixels, without decoding the image."""
         raise NotImplementedError
 
-    def load_image(self, index: int) -> Image.Image:
-        """The RGB image ``index`` as stored (before transforms)."""
+    def load_image(self, index: int) -> Tensor:
+        """The image ``index`` before transforms: uint8 RGB ``(3, H, W)`` (see :func:`load_image`)."""
         record = self.get_record(index)
         assert record.path is not None, "records without a path need load_image overridden"
         return load_image(record.path)
 
-    def _load(self, index: int) -> tuple[Image.Image, ImageRecord]:
+    def _load(self, index: int) -> tuple[Tensor, ImageRecord]:
         """Image and record together (generated datasets make both in one pass)."""
         return self.load_image(index), self.get_record(index)
 
@@ -148,9 +206,10 @@ class DetectionDataset(Dataset):
             raise IndexError(f"index {index} out of range for {len(self)} images")
         index = index % len(self)
         image, record = self._load(index)
-        if (image.height, image.width) != (record.height, record.width):
+        height, width = image_size(image)
+        if (height, width) != (record.height, record.width):
             raise DatasetError(
-                f"{record.path or record.file_name}: image is {image.width}x{image.height} pixels "
+                f"{record.path or record.file_name}: image is {width}x{height} pixels "
                 f"but its annotation says {record.width}x{record.height} (width x height)"
             )
         target: dict[str, Any] = {

@@ -6,9 +6,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
 
-from PIL import Image
-
-from hcral.data.base import DetectionDataset, ImageRecord, Transform
+from hcral.data.base import DetectionDataset, ImageRecord, Transform, read_image_size
 from hcral.data.errors import DatasetError
 
 __all__ = ["VOCDataset"]
@@ -184,7 +182,7 @@ class VOCDataset(DetectionDataset):
         height = _optional_int(root, "size/height", ann_path)
         if not width or not height:
             # Some tools write 0 or no <size>; the image header is cheap to read.
-            width, height = _header_size(image_path)
+            height, width = read_image_size(image_path)  # upright, as load_image decodes it
 
         objects = []
         for index, obj in enumerate(root.findall("object")):
@@ -238,12 +236,3 @@ def _optional_int(
         raise DatasetError(
             f"{ann_path}: {where}field {field!r} is not a number: {text.strip()!r}"
         ) from None
-
-
-def _header_size(image_path: Path) -> tuple[int, int]:
-    """``(width, height)`` from the image header, without decoding pixels."""
-    try:
-        with Image.open(image_path) as image:
-            return image.width, image.height
-    except (OSError, ValueError, SyntaxError) as error:
-        raise DatasetError(f"{image_path}: cannot read image: {error}") from error

@@ -215,7 +215,7 @@ def prior_data(run_dir: str | Path, *, image_index: int = 0) -> dict[str, Any]:
     atss = atss_assign(layout.assign_boxes, layout.num_level_priors, t["boxes"], t["labels"], topk=c.atss_topk)
     scale = float(t["scale_factor"])
     return {
-        "image": dataset.load_image(image_index),
+        "image": dataset.load_image(image_index).permute(1, 2, 0),  # (H, W, 3) for imshow
         "scale": scale,
         "centers": box_centers(layout.assign_boxes) / scale,  # (N, 2) original pixels
         "pred_boxes": box / scale,
