@@ -350,6 +350,8 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, float]
 def predict(cfg: Config, checkpoint: str | Path, images: list[str | Path], out_dir: str | Path) -> list[dict]:
     """Detect objects in image files; writes ``predictions.json`` (COCO results, original pixels,
     with ``file_name``) and one PNG per image with the boxes drawn into ``out_dir``."""
+    from torchvision.transforms.v2.functional import to_pil_image
+
     from hcral.data import empty_target, load_image
     from hcral.evaluation import detections_to_coco
     from hcral.visualize import draw_detections
@@ -368,8 +370,8 @@ def predict(cfg: Config, checkpoint: str | Path, images: list[str | Path], out_d
     results: list[dict] = []
     for image_id, path in enumerate(images):
         path = Path(path)
-        image = load_image(path)  # DatasetError naming the file if it is missing or unreadable
-        tensor, info = transforms(image, empty_target(image.height, image.width, image_id=image_id))
+        image = load_image(path)  # uint8 (3, H, W); DatasetError naming the file if it is unreadable
+        tensor, info = transforms(image, empty_target(*image.shape[-2:], image_id=image_id))
         batch, _ = collate([(tensor, info)], size_divisor=SIZE_DIVISOR)
         det = model(batch.to(device), image_sizes=[info["size"]])[0]
         dets = detections_to_coco(
@@ -378,6 +380,6 @@ def predict(cfg: Config, checkpoint: str | Path, images: list[str | Path], out_d
         for d in dets:
             d["file_name"] = path.name
         results.extend(dets)
-        draw_detections(image, dets, class_names, cat_ids).save(out / f"{path.stem}.png")
+        to_pil_image(draw_detections(image, dets, class_names, cat_ids)).save(out / f"{path.stem}.png")
     write_json_atomic(out / "predictions.json", results)
     return results
