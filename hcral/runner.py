@@ -22,7 +22,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
 from hcral import distributed as D
 from hcral.config import Config, config_to_dict, save_config
-from hcral.data import CocoDataset, SyntheticShapes, VOCDataset, build_transforms, collate
+from hcral.data import CocoDataset, SyntheticShapes, VOCDataset, YOLODataset, build_transforms, collate
 from hcral.engine import evaluate, train_one_epoch
 from hcral.models.build import build_model
 from hcral.models.detector import Detector
@@ -56,6 +56,9 @@ def build_dataset(cfg: Config, *, train: bool) -> Dataset:
     if d.dataset == "voc":
         split = d.train_split if train else d.val_split
         return VOCDataset(d.root, split, class_names=d.class_names, transforms=transforms)
+    if d.dataset == "yolo":
+        split = d.train_split if train else d.val_split
+        return YOLODataset(d.root, split, class_names=d.class_names, transforms=transforms)
     ann, images = (d.train_ann, d.train_images) if train else (d.val_ann, d.val_images)
     return CocoDataset(ann, images, transforms=transforms)
 
