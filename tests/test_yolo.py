@@ -16,7 +16,7 @@ from PIL import Image
 from hcral.config import load_config
 from hcral.data import CocoDataset, DatasetError, YOLODataset
 from hcral.evaluation import write_json_atomic
-from hcral.runner import build_dataset, train
+from hcral.runner import build_splits, train
 
 AQUARIUM = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "aquarium"
 AQUARIUM_NAMES = ["fish", "jellyfish", "penguin", "puffin", "shark", "starfish", "stingray"]
@@ -286,7 +286,8 @@ def test_aquarium_through_the_config_and_a_short_run(tmp_path: Path) -> None:
             "train.max_iters=2", "train.warmup_iters=2", "eval.batch_size=8", f"out_dir={tmp_path}",
         ]
     )
-    val_set = build_dataset(cfg, train=False)
+    train_set, val_set = build_splits(cfg)
+    assert val_set.class_names == train_set.class_names
     assert isinstance(val_set, YOLODataset) and val_set.split == "val" and len(val_set) == 127
     metrics = train(cfg, progress=False)
     assert set(metrics) == METRIC_KEYS
