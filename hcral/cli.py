@@ -1,4 +1,4 @@
-"""Command line: ``hcral train | eval | predict | demo | ablate | figures``."""
+"""Command line: ``hcral train | eval | predict | check-data | demo | ablate | figures``."""
 
 from __future__ import annotations
 
@@ -23,6 +23,24 @@ def _config(args: argparse.Namespace):
     return load_config(args.config, overrides)
 
 
+def _check_data(cfg, *, full_decode: bool) -> int:
+    """``hcral check-data``: every problem of both splits on stderr (exit 1), else a summary."""
+    from hcral.data.check import box_count, check_splits
+    from hcral.runner import build_splits
+
+    train_set, val_set = build_splits(cfg)
+    problems = check_splits(train_set, val_set, full_decode=full_decode)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if problems:
+        print(f"hcral check-data: {len(problems)} problems", file=sys.stderr)
+        return 1
+    for role, dataset in (("train", train_set), ("val", val_set)):
+        print(f"{role}: {len(dataset)} images, {box_count(dataset)} boxes")
+    print(f"classes: {train_set.class_names}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hcral", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -39,7 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="detect objects in images; writes predictions.json and PNGs")
     _add_config_args(p)
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("images", nargs="+")
+    p.add_argument("--score-thr", type=float, default=None, metavar="S",
+                   help="draw detections with a score of at least S into the PNGs (default 0.3); "
+                        "predictions.json keeps all of them")
+    p.add_argument("images", nargs="+", help="image files, or folders (every image file in them)")
+
+    p = sub.add_parser("check-data", help="check every image and annotation of the training and validation sets")
+    _add_config_args(p)
+    p.add_argument("--full-decode", action="store_true",
+                   help="decode every image (slower); by default only files that do not end as their format should")
 
     p = sub.add_parser("demo", help="train and evaluate FCOS+ATSS with HCRAL on built-in synthetic data")
     p.add_argument("--out", default="runs/demo")
@@ -97,13 +123,18 @@ def main(argv: list[str] | None = None) -> int:
             from hcral.runner import evaluate_checkpoint
 
             metrics = evaluate_checkpoint(cfg, args.checkpoint)
+        elif args.command == "check-data":
+            return _check_data(cfg, full_decode=args.full_decode)
         else:
-            from hcral.runner import predict
+            from hcral.runner import DRAW_SCORE_THR, predict
 
             if not args.out:
                 raise ConfigError("predict needs --out DIR for predictions.json and the drawn PNGs")
-            results = predict(cfg, args.checkpoint, args.images, args.out)
-            print(f"{len(results)} detections written to {args.out}/predictions.json")
+            score_thr = DRAW_SCORE_THR if args.score_thr is None else args.score_thr
+            results = predict(cfg, args.checkpoint, args.images, args.out, score_thr=score_thr)
+            drawn = sum(d["score"] >= score_thr for d in results)
+            print(f"{len(results)} detections written to {args.out}/predictions.json; "
+                  f"{drawn} with score >= {score_thr:g} drawn into the PNGs (--score-thr)")
             return 0
         if metrics:
             print(json.dumps(metrics, indent=2))

@@ -22,7 +22,10 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
 from hcral import distributed as D
 from hcral.config import Config, config_to_dict, save_config
-from hcral.data import CocoDataset, SyntheticShapes, VOCDataset, build_transforms, collate
+from hcral.data import (
+    CocoDataset, DatasetError, DetectionDataset, SyntheticShapes, VOCDataset, YOLODataset, build_transforms, collate,
+)
+from hcral.data.check import check_splits, collect_images, raise_if_problems
 from hcral.engine import evaluate, train_one_epoch
 from hcral.models.build import build_model
 from hcral.models.detector import Detector
@@ -31,6 +34,8 @@ from hcral.utils import rng_state, seed_everything, set_rng_state, torch_save_at
 # Pad inputs to a multiple of this: the coarsest backbone stride (C5, 32), as MMDetection pads.
 SIZE_DIVISOR = 32
 CHECKPOINT = "checkpoint.pt"
+# Detections drawn into predict's PNGs: this score or more (predictions.json keeps all).
+DRAW_SCORE_THR = 0.3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -38,26 +43,50 @@ CHECKPOINT = "checkpoint.pt"
 # ---------------------------------------------------------------------------------------------
 
 
-def build_dataset(cfg: Config, *, train: bool) -> Dataset:
+def build_dataset(cfg: Config, *, train: bool, class_names: list[str] | None = None) -> DetectionDataset:
+    """The training or validation set of ``cfg``, labelled with the run's one class list.
+
+    The list is ``class_names`` (the training set's, or a checkpoint's), else ``data.class_names``,
+    else, for the training set only, the classes its data holds. A validation set without a list
+    is an error: its own list would number the classes differently from the model's.
+    """
     d = cfg.data
+    names = class_names if class_names is not None else d.class_names
     transforms = build_transforms(train=train, short_side=d.short_side, max_side=d.max_side, flip_prob=d.flip_prob)
     if d.dataset == "synthetic":
         size = (d.synthetic_size, d.synthetic_size)
-        if train:
-            return SyntheticShapes(
-                d.synthetic_train, image_size=size, num_classes=d.synthetic_classes, seed=d.synthetic_seed,
-                transforms=transforms,
-            )
         # Validation images come from a seed range the training set never uses.
-        return SyntheticShapes(
-            d.synthetic_val, image_size=size, num_classes=d.synthetic_classes,
-            seed=d.synthetic_seed + 1_000_003, transforms=transforms,
+        seed = d.synthetic_seed if train else d.synthetic_seed + 1_000_003
+        count = d.synthetic_train if train else d.synthetic_val
+        dataset = SyntheticShapes(
+            count, image_size=size, num_classes=d.synthetic_classes, seed=seed, transforms=transforms
+        )
+        if names is not None and list(names) != dataset.class_names:
+            raise DatasetError(
+                f"class list {list(names)} is not the synthetic set's {dataset.class_names} "
+                f"(data.synthetic_classes={d.synthetic_classes})"
+            )
+        return dataset
+    if not train and names is None:
+        raise ValueError(
+            "the validation set needs the run's class list: pass the training set's or the "
+            "checkpoint's class_names, or set data.class_names"
         )
     if d.dataset == "voc":
         split = d.train_split if train else d.val_split
-        return VOCDataset(d.root, split, class_names=d.class_names, transforms=transforms)
+        return VOCDataset(d.root, split, class_names=names, transforms=transforms)
+    if d.dataset == "yolo":
+        # Labels are indices into data.yaml's names, so a given list must equal them.
+        split = d.train_split if train else d.val_split
+        return YOLODataset(d.root, split, class_names=names, transforms=transforms)
     ann, images = (d.train_ann, d.train_images) if train else (d.val_ann, d.val_images)
-    return CocoDataset(ann, images, transforms=transforms)
+    return CocoDataset(ann, images, class_names=names, transforms=transforms)
+
+
+def build_splits(cfg: Config) -> tuple[DetectionDataset, DetectionDataset]:
+    """``(train_set, val_set)``, the validation set labelled with the training set's class list."""
+    train_set = build_dataset(cfg, train=True)
+    return train_set, build_dataset(cfg, train=False, class_names=train_set.class_names)
 
 
 class SeededAugmentation(Dataset):
@@ -172,8 +201,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise RuntimeError(f"{path}: not a readable hcral checkpoint ({e})") from e
 
 
-def load_model_weights(model: Detector, path: str | Path) -> dict[str, Any]:
-    ckpt = load_checkpoint(path)
+def load_model_weights(model: Detector, path: str | Path, ckpt: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Load the weights of checkpoint ``path`` (or of ``ckpt``, already loaded from it) into ``model``."""
+    ckpt = load_checkpoint(path) if ckpt is None else ckpt
     if "model" not in ckpt:
         raise RuntimeError(f"{path}: no 'model' entry; keys are {sorted(ckpt)}")
     model.load_state_dict(ckpt["model"])
@@ -222,8 +252,9 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True) -> dict[s
     seed_everything(cfg.train.seed + D.get_rank())
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    train_set = build_dataset(cfg, train=True)
-    val_set = build_dataset(cfg, train=False)
+    train_set, val_set = build_splits(cfg)
+    # Every image header and annotation of both splits now, not when its batch comes.
+    raise_if_problems(check_splits(train_set, val_set))
     train_data = SeededAugmentation(train_set, cfg.train.seed)
     sampler = ResumableSampler(len(train_set), shuffle=True, seed=cfg.train.seed)
     iters_per_epoch = math.ceil(len(sampler) / cfg.data.batch_size)
@@ -238,6 +269,8 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True) -> dict[s
     epoch, batches_done, global_iter = 0, 0, 0
     if resume and ckpt_path.is_file():
         ckpt = load_checkpoint(ckpt_path)
+        if ckpt.get("class_names", train_set.class_names) != train_set.class_names:
+            raise DatasetError(f"{ckpt_path}: trained on classes {ckpt['class_names']}, the data now has {train_set.class_names}")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -330,9 +363,11 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, float]
     detections.json, and ``checkpoint.pt`` as a link to the evaluated file."""
     device = resolve_device(cfg.train.device)
     D.init_from_env(device)
-    dataset = build_dataset(cfg, train=False)
+    ckpt = load_checkpoint(checkpoint)
+    dataset = build_dataset(cfg, train=False, class_names=ckpt.get("class_names"))
+    raise_if_problems(check_splits(None, dataset))
     model = build_model(cfg, dataset.num_classes).to(device)
-    load_model_weights(model, checkpoint)
+    load_model_weights(model, checkpoint, ckpt)
     out = Path(cfg.out_dir)
     if D.is_main_process():
         out.mkdir(parents=True, exist_ok=True)
@@ -347,15 +382,26 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, float]
     return metrics
 
 
-def predict(cfg: Config, checkpoint: str | Path, images: list[str | Path], out_dir: str | Path) -> list[dict]:
+def predict(
+    cfg: Config, checkpoint: str | Path, images: list[str | Path], out_dir: str | Path, *, score_thr: float = DRAW_SCORE_THR
+) -> list[dict]:
     """Detect objects in image files; writes ``predictions.json`` (COCO results, original pixels,
-    with ``file_name``) and one PNG per image with the boxes drawn into ``out_dir``."""
+    with ``file_name``) and one PNG per image into ``out_dir``.
+
+    ``images`` are files or folders (every image file in a folder, sorted); all are checked before
+    the model is loaded, so a bad path fails the run before anything is written. The PNGs show the
+    detections with a score of at least ``score_thr``; ``predictions.json`` holds all of them
+    (down to ``eval.score_thr``).
+    """
     from torchvision.transforms.v2.functional import to_pil_image
 
     from hcral.data import empty_target, load_image
     from hcral.evaluation import detections_to_coco
     from hcral.visualize import draw_detections
 
+    if not 0.0 <= score_thr <= 1.0:
+        raise ValueError(f"score_thr must be in [0, 1], got {score_thr}")
+    paths = collect_images(images)
     device = resolve_device(cfg.train.device)
     ckpt = load_checkpoint(checkpoint)
     class_names, cat_ids = ckpt.get("class_names"), ckpt.get("cat_ids")
@@ -368,9 +414,8 @@ def predict(cfg: Config, checkpoint: str | Path, images: list[str | Path], out_d
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results: list[dict] = []
-    for image_id, path in enumerate(images):
-        path = Path(path)
-        image = load_image(path)  # uint8 (3, H, W); DatasetError naming the file if it is unreadable
+    for image_id, path in enumerate(paths):
+        image = load_image(path)  # uint8 (3, H, W)
         tensor, info = transforms(image, empty_target(*image.shape[-2:], image_id=image_id))
         batch, _ = collate([(tensor, info)], size_divisor=SIZE_DIVISOR)
         det = model(batch.to(device), image_sizes=[info["size"]])[0]
@@ -380,6 +425,7 @@ def predict(cfg: Config, checkpoint: str | Path, images: list[str | Path], out_d
         for d in dets:
             d["file_name"] = path.name
         results.extend(dets)
-        to_pil_image(draw_detections(image, dets, class_names, cat_ids)).save(out / f"{path.stem}.png")
+        drawn = draw_detections(image, dets, class_names, cat_ids, score_thr=score_thr)
+        to_pil_image(drawn).save(out / f"{path.stem}.png")
     write_json_atomic(out / "predictions.json", results)
     return results

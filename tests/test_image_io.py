@@ -1,4 +1,5 @@
-"""Reading image files: load_image (torchvision.io) and read_image_size (header only)."""
+"""Reading image files: load_image (torchvision.io for JPEG/PNG, PIL otherwise) and read_image_size
+(header only)."""
 
 from __future__ import annotations
 
@@ -24,12 +25,16 @@ def _pattern(height: int = 30, width: int = 50) -> np.ndarray:
     return np.stack((x * 255 // (width - 1), y * 255 // (height - 1), (x + 2 * y) % 256), -1).astype(np.uint8)
 
 
-def _save_jpeg(path: Path, orientation: int | None) -> Path:
+def _save(path: Path, orientation: int | None, **options) -> Path:
     exif = Image.Exif()
     if orientation is not None:
         exif[ORIENTATION_TAG] = orientation
-    Image.fromarray(_pattern()).save(path, quality=95, exif=exif.tobytes())
+    Image.fromarray(_pattern()).save(path, exif=exif.tobytes(), **options)
     return path
+
+
+def _save_jpeg(path: Path, orientation: int | None) -> Path:
+    return _save(path, orientation, quality=95)
 
 
 def _pil_reference(path: Path) -> torch.Tensor:
@@ -40,8 +45,10 @@ def _pil_reference(path: Path) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("orientation", [None, 1, 2, 3, 4, 5, 6, 7, 8])
-def test_exif_orientation_applied_and_header_size_agrees(tmp_path, orientation):
-    path = _save_jpeg(tmp_path / "photo.jpg", orientation)
+@pytest.mark.parametrize("suffix", [".jpg", ".png", ".webp", ".tif"])
+def test_exif_orientation_applied_and_header_size_agrees(tmp_path, orientation, suffix):
+    # JPEG/PNG through torchvision.io, WebP/TIFF through PIL: all turned upright.
+    path = _save(tmp_path / f"photo{suffix}", orientation, **({"quality": 95} if suffix == ".jpg" else {}))
     image = load_image(path)
     assert image.dtype == torch.uint8 and image.shape[0] == 3
     # Orientations 5-8 turn the stored 50 x 30 (W x H) image by a quarter turn.
@@ -93,7 +100,15 @@ def test_modes_become_8_bit_rgb(tmp_path):
     assert got.shape == (3, 10, 20)
     torch.testing.assert_close(got[:, 5, 10].int(), torch.tensor([255, 0, 0], dtype=torch.int32), rtol=0, atol=2)
 
-    for name in ("grey.png", "rgba.png", "sixteen.png", "palette.png", "cmyk.jpg"):
+    # Formats torchvision.io does not decode go through PIL.
+    Image.fromarray(_pattern()).save(tmp_path / "picture.bmp")
+    Image.fromarray(_pattern()).convert("P").save(tmp_path / "picture.gif")
+    for name in ("picture.bmp", "picture.gif"):
+        torch.testing.assert_close(load_image(tmp_path / name), _pil_reference(tmp_path / name), rtol=0, atol=0)
+    assert load_image(tmp_path / "picture.bmp").tolist() == torch.from_numpy(_pattern()).permute(2, 0, 1).tolist()
+
+    names = ("grey.png", "rgba.png", "sixteen.png", "palette.png", "cmyk.jpg", "picture.bmp", "picture.gif")
+    for name in names:
         assert read_image_size(tmp_path / name) == tuple(load_image(tmp_path / name).shape[1:]), name
 
 
@@ -105,9 +120,11 @@ def test_bad_files_raise_dataset_error_naming_the_file(tmp_path):
     (tmp_path / "truncated.jpg").write_bytes(full_jpeg.read_bytes()[:400])
     (tmp_path / "empty.jpg").write_bytes(b"")
     (tmp_path / "notes.jpg").write_text("this is not an image")
-    Image.fromarray(_pattern()).save(tmp_path / "picture.bmp")
+    good_bmp = tmp_path / "good.bmp"
+    Image.fromarray(_pattern()).save(good_bmp)
+    (tmp_path / "truncated.bmp").write_bytes(good_bmp.read_bytes()[:1000])
 
-    for name in ("truncated.png", "truncated.jpg", "empty.jpg", "notes.jpg", "picture.bmp"):
+    for name in ("truncated.png", "truncated.jpg", "truncated.bmp", "empty.jpg", "notes.jpg"):
         with pytest.raises(DatasetError, match=rf"{name}: cannot read image: \S"):
             load_image(tmp_path / name)
     with pytest.raises(DatasetError, match=r"empty\.jpg: cannot read image: the file is empty"):
@@ -118,12 +135,10 @@ def test_bad_files_raise_dataset_error_naming_the_file(tmp_path):
         load_image(tmp_path / "missing.jpg")
 
     # The header alone: a truncated body still has its size; the rest fail, naming the file.
-    assert read_image_size(tmp_path / "truncated.png") == (30, 50)
+    assert read_image_size(tmp_path / "truncated.png") == read_image_size(tmp_path / "truncated.bmp") == (30, 50)
     for name in ("empty.jpg", "notes.jpg"):
         with pytest.raises(DatasetError, match=rf"{name}: cannot read image header"):
             read_image_size(tmp_path / name)
-    with pytest.raises(DatasetError, match=r"picture\.bmp: BMP images are not supported; load_image reads JPEG"):
-        read_image_size(tmp_path / "picture.bmp")
     with pytest.raises(DatasetError, match=r"missing\.jpg: image file not found"):
         read_image_size(tmp_path / "missing.jpg")
 

@@ -25,6 +25,7 @@ from hcral.data.transforms import (
     horizontal_flip,
 )
 from hcral.data.voc import VOCDataset
+from hcral.data.yolo import YOLODataset
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -41,6 +42,7 @@ __all__ = [
     "SyntheticShapes",
     "ToTensor",
     "VOCDataset",
+    "YOLODataset",
     "build_transforms",
     "clip_and_drop_boxes",
     "collate",

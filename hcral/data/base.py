@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
-from PIL import ExifTags, Image
+from PIL import ExifTags, Image, ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image, read_file
@@ -23,53 +23,64 @@ __all__ = ["DetectionDataset", "ImageRecord", "load_image", "read_image_size"]
 
 Transform = Callable[[Any, dict[str, Any]], tuple[Any, dict[str, Any]]]
 
-# What torchvision.io decodes (PIL's format names); the only ones whose EXIF orientation it applies.
-DECODED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF")
-EXIF_ORIENTED_FORMATS = ("JPEG", "PNG")
+# JPEG and PNG (by their first bytes) are decoded by torchvision.io, which applies their EXIF
+# orientation; other formats (WebP, GIF, BMP, TIFF, ...) by PIL, turned by ImageOps.exif_transpose.
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_TORCHVISION_FORMATS = ("JPEG", "PNG")
 # EXIF orientations 5-8 turn the stored image by 90 degrees (with or without a mirror).
 _QUARTER_TURN_ORIENTATIONS = (5, 6, 7, 8)
+_TIFF_WIDTH, _TIFF_LENGTH = 256, 257  # TIFF tags of the stored size
 # torchvision's decoder errors read "<function>, <source file>.cpp:<line>, <message>".
 _CPP_LOCATION = re.compile(r"^[^,]+, \S+:\d+, ")
+# What PIL raises for a file it cannot identify or decode (UnidentifiedImageError is an OSError).
+_PIL_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def load_image(path: str | Path) -> Tensor:
-    """Decode ``path`` into a uint8 RGB tensor ``(3, H, W)`` with ``torchvision.io``.
+    """Decode ``path`` into a uint8 RGB tensor ``(3, H, W)``, turned upright by its EXIF orientation.
 
-    JPEG, PNG, WebP and GIF (its first frame) are read; the EXIF orientation of JPEG and PNG is
-    applied, so ``(H, W)`` is the upright image (:func:`read_image_size` gives it from the header).
-    Grey, grey + alpha, palette, RGBA and CMYK become RGB (alpha is dropped: the colour stored under
-    transparent pixels is kept, as OpenCV's ``imread(IMREAD_COLOR)`` does for MMDetection);
-    16-bit PNG is scaled to 8 bits.
+    JPEG and PNG are decoded by ``torchvision.io`` (libjpeg-turbo, libpng), every other format PIL
+    opens (WebP, GIF's first frame, BMP, TIFF, ...) by PIL with ``ImageOps.exif_transpose``.
+    :func:`read_image_size` gives the same ``(H, W)`` from the header. Grey, grey + alpha,
+    palette, RGBA and CMYK become RGB (alpha is dropped: the colour stored under transparent pixels
+    is kept, as OpenCV's ``imread(IMREAD_COLOR)`` does for MMDetection); 16-bit PNG is scaled to 8
+    bits (its high byte).
 
     Raises:
-        DatasetError: naming ``path`` if the file is missing or empty, is not an image of those
-            formats, or cannot be decoded (truncated, corrupt).
+        DatasetError: naming ``path`` if the file is missing or empty, is not an image, or cannot
+            be decoded (truncated, corrupt).
     """
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: image file not found")
     if path.stat().st_size == 0:
         raise DatasetError(f"{path}: cannot read image: the file is empty")
+    data = read_file(str(path))  # (num_bytes,) uint8
+    head = bytes(data[: len(_PNG_MAGIC)].tolist())
+    if not (head.startswith(_JPEG_MAGIC) or head.startswith(_PNG_MAGIC)):
+        try:
+            with Image.open(path) as image:
+                return TF.pil_to_tensor(ImageOps.exif_transpose(image).convert("RGB"))
+        except _PIL_ERRORS as error:
+            raise DatasetError(f"{path}: cannot read image: {error}") from error
     try:
-        image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+        image = decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
     except RuntimeError as error:
         message = _CPP_LOCATION.sub("", str(error).splitlines()[0])
         raise DatasetError(f"{path}: cannot read image: {message}") from error
-    if image.dim() == 4:  # an animated GIF: (frames, 3, H, W)
-        image = image[0]
     return TF.to_dtype(image, torch.uint8, scale=True)  # 16-bit PNG decodes to uint16
 
 
 def read_image_size(path: str | Path) -> tuple[int, int]:
     """``(height, width)`` of :func:`load_image`'s tensor for ``path``, from the file header alone.
 
-    PIL reads the header (size, format, EXIF) without decoding pixels; orientations 5-8 of a JPEG
-    or PNG swap height and width, as :func:`load_image` turns the image upright. A truncated or
-    corrupt body is only found by :func:`load_image`.
+    PIL reads the header (size, format, EXIF) without decoding pixels; orientations 5-8 swap
+    height and width, as :func:`load_image` turns the image upright. A truncated or corrupt body is
+    only found by decoding (:func:`load_image`, :func:`hcral.data.check.check_image`).
 
     Raises:
-        DatasetError: naming ``path`` if the file is missing, has no readable image header, or is
-            of a format :func:`load_image` cannot decode.
+        DatasetError: naming ``path`` if the file is missing or has no readable image header.
     """
     path = Path(path)
     if not path.is_file():
@@ -77,21 +88,21 @@ def read_image_size(path: str | Path) -> tuple[int, int]:
     try:
         with Image.open(path) as image:
             width, height = image.size
-            file_format = image.format
-            # Only the EXIF seen before the pixel data (PIL's ``getexif`` would decode a PNG to find
-            # a later one, and torchvision does not look there).
-            raw_exif = image.info.get("exif")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+            tags = getattr(image, "tag_v2", None)
+            if tags is not None and _TIFF_WIDTH in tags and _TIFF_LENGTH in tags:
+                # Recent Pillow reports a TIFF's size already turned by its orientation.
+                width, height = int(tags[_TIFF_WIDTH]), int(tags[_TIFF_LENGTH])
+            if image.format in _TORCHVISION_FORMATS:
+                # The EXIF block torchvision reads (before the pixel data), without XMP: PNG's
+                # ``getexif`` would decode the pixels to look for more.
+                exif = Image.Exif()
+                if image.info.get("exif"):
+                    exif.load(image.info["exif"])
+            else:
+                exif = image.getexif()  # what exif_transpose reads
+            orientation = exif.get(ExifTags.Base.Orientation, 1)
+    except _PIL_ERRORS as error:
         raise DatasetError(f"{path}: cannot read image header: {error}") from error
-    if file_format not in DECODED_FORMATS:
-        raise DatasetError(
-            f"{path}: {file_format} images are not supported; load_image reads {', '.join(DECODED_FORMATS)}"
-        )
-    orientation = 1
-    if raw_exif and file_format in EXIF_ORIENTED_FORMATS:
-        exif = Image.Exif()
-        exif.load(raw_exif)
-        orientation = exif.get(ExifTags.Base.Orientation, 1)
     if orientation in _QUARTER_TURN_ORIENTATIONS:
         return width, height
     return height, width
