@@ -45,7 +45,7 @@ def load_image(path: str | Path) -> Tensor:
     :func:`read_image_size` gives the same ``(H, W)`` from the header. Grey, grey + alpha,
     palette, RGBA and CMYK become RGB (alpha is dropped: the colour stored under transparent pixels
     is kept, as OpenCV's ``imread(IMREAD_COLOR)`` does for MMDetection); 16-bit PNG is scaled to 8
-    bits (its high byte).
+    bits (its high byte), 16-bit images of other formats are clipped by PIL's ``convert``.
 
     Raises:
         DatasetError: naming ``path`` if the file is missing or empty, is not an image, or cannot
