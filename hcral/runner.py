@@ -268,6 +268,9 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True) -> dict[s
     total_iters = iters_per_epoch * cfg.train.epochs
     if cfg.train.max_iters is not None:
         total_iters = min(total_iters, cfg.train.max_iters)
+    if ckpt is not None and global_iter >= total_iters and main:
+        print(f"{ckpt_path} is at iteration {global_iter} of {total_iters} already: nothing to train "
+              f"(hcral eval --checkpoint {ckpt_path} evaluates it)", file=sys.stderr)  # fmt: skip
     log = JsonlLog(out / LOG, main)
     metrics: dict[str, Any] = {}
     position = {"epoch": epoch, "batches_done": batches_done, "global_iter": global_iter}
