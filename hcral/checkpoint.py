@@ -157,16 +157,6 @@ def load_model_state(model: Any, ckpt: dict[str, Any], path: str | Path, *, loss
     model.load_state_dict(state, strict=loss_state)
 
 
-def check_classes(ckpt: dict[str, Any], class_names: list[str], path: str | Path) -> None:
-    """The data's classes must be the ones the checkpoint was trained on, in the same order."""
-    trained = list(ckpt.get("class_names") or [])
-    if trained != list(class_names):
-        raise CheckpointError(
-            f"{path} was trained on {len(trained)} classes ({_names(trained)}); the data read here has "
-            f"{len(class_names)} ({_names(list(class_names))})"
-        )
-
-
 # ---------------------------------------------------------------------------------------------
 # Which settings may change
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Command line: ``hcral train | eval | predict | demo | ablate | figures``."""
+"""Command line: ``hcral train | eval | predict | check-data | demo | ablate | figures``."""
 
 from __future__ import annotations
 
@@ -31,6 +31,24 @@ def _config(args: argparse.Namespace):
     return load_config(args.config, overrides)
 
 
+def _check_data(cfg, *, full_decode: bool) -> int:
+    """``hcral check-data``: every problem of both splits on stderr (exit 1), else a summary."""
+    from hcral.data.check import box_count, check_splits
+    from hcral.runner import build_splits
+
+    train_set, val_set = build_splits(cfg)
+    problems = check_splits(train_set, val_set, full_decode=full_decode)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if problems:
+        print(f"hcral check-data: {len(problems)} problems", file=sys.stderr)
+        return 1
+    for role, dataset in (("train", train_set), ("val", val_set)):
+        print(f"{role}: {len(dataset)} images, {box_count(dataset)} boxes")
+    print(f"classes: {train_set.class_names}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hcral", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -49,7 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, config_help="YAML config file" + FROM_CHECKPOINT,
                      out_help="folder for predictions.json and the drawn PNGs (required)")
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by hcral train")
-    p.add_argument("images", nargs="+")
+    p.add_argument("--score-thr", type=float, default=None, metavar="S",
+                   help="draw detections with a score of at least S into the PNGs (default 0.3); "
+                        "predictions.json keeps all of them")
+    p.add_argument("images", nargs="+", help="image files, or folders (every image file in them)")
+
+    p = sub.add_parser("check-data", help="check every image and annotation of the training and validation sets")
+    _add_config_args(p)
+    p.add_argument("--full-decode", action="store_true",
+                   help="decode every image (slower); by default only files that do not end as their format should")
 
     p = sub.add_parser("demo", help="train and evaluate FCOS+ATSS with HCRAL on built-in synthetic data")
     p.add_argument("--out", default="runs/demo",
@@ -112,13 +138,18 @@ def main(argv: list[str] | None = None) -> int:
             out = eval_dir(args.checkpoint, cfg, args.out or _set_out_dir(args.overrides))
             metrics = evaluate_checkpoint(cfg, args.checkpoint, out)
             print(f"results written to {out}", file=sys.stderr)
+        elif args.command == "check-data":
+            return _check_data(_config(args), full_decode=args.full_decode)
         else:
-            from hcral.runner import predict
+            from hcral.runner import DRAW_SCORE_THR, predict
 
             if not args.out:
                 raise ConfigError("predict needs --out DIR for predictions.json and the drawn PNGs")
-            results = predict(_checkpoint_config(args), args.checkpoint, args.images, args.out)
-            print(f"{len(results)} detections written to {args.out}/predictions.json")
+            score_thr = DRAW_SCORE_THR if args.score_thr is None else args.score_thr
+            results = predict(_checkpoint_config(args), args.checkpoint, args.images, args.out, score_thr=score_thr)
+            drawn = sum(d["score"] >= score_thr for d in results)
+            print(f"{len(results)} detections written to {args.out}/predictions.json; "
+                  f"{drawn} with score >= {score_thr:g} drawn into the PNGs (--score-thr)")
             return 0
         if metrics:
             print(json.dumps(metrics, indent=2))
@@ -132,9 +163,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _report(command: str, e: BaseException, code: int) -> int:
-    """One line on stderr: the error and its notes (e.g. where the last good checkpoint is)."""
+    """The error on stderr, no traceback, with its notes (e.g. where the last good checkpoint is)."""
     text = "; ".join([str(e), *getattr(e, "__notes__", [])])
-    print(f"hcral {command}: error: {' '.join(text.split())}", file=sys.stderr)
+    print(f"hcral {command}: error: {text}", file=sys.stderr)
     return code
 
 

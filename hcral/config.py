@@ -24,7 +24,7 @@ Backbone = Literal["small", "resnet18", "resnet34", "resnet50", "resnet101"]
 ClsLoss = Literal["focal", "ghmc", "qfl", "vfl", "hcra_c"]
 RegLoss = Literal["giou", "diou", "ciou", "eiou", "focal_eiou", "hcra_r"]
 Assigner = Literal["max_iou", "atss", "eatss"]
-DatasetKind = Literal["synthetic", "voc", "coco"]
+DatasetKind = Literal["synthetic", "voc", "coco", "yolo"]
 # Which assigners each detector can use (RetinaNet is the max-IoU detector; the others sample with ATSS).
 DETECTOR_ASSIGNERS = {"retinanet": ("max_iou",), "atss": ("atss", "eatss"), "fcos_atss": ("atss", "eatss")}
 
@@ -151,6 +151,7 @@ class LossConfig:
 class DataConfig:
     dataset: DatasetKind = "synthetic"
     # VOC: a folder with images/, annotations/ and <split>.txt files. COCO: json files and image folders.
+    # YOLO: root is the data.yaml; the splits are its keys (train, val, test).
     root: str = ""
     train_split: str = "train"
     val_split: str = "val"

@@ -26,7 +26,6 @@ from hcral.checkpoint import (
     CHECKPOINT,
     LOG,
     RUN_CONFIG,
-    check_classes,
     check_inference_config,
     check_resume_config,
     ensure_writable_dir,
@@ -36,7 +35,10 @@ from hcral.checkpoint import (
     prepare_train_dir,
 )
 from hcral.config import Config, ConfigError, config_to_dict, save_config, validate
-from hcral.data import CocoDataset, SyntheticShapes, VOCDataset, build_transforms, collate
+from hcral.data import (
+    CocoDataset, DatasetError, DetectionDataset, SyntheticShapes, VOCDataset, YOLODataset, build_transforms, collate,
+)
+from hcral.data.check import check_splits, collect_images, raise_if_problems
 from hcral.engine import evaluate, train_one_epoch
 from hcral.models.build import build_model
 from hcral.models.detector import Detector
@@ -44,6 +46,8 @@ from hcral.utils import add_note, rng_state, seed_everything, set_rng_state, tor
 
 # Pad inputs to a multiple of this: the coarsest backbone stride (C5, 32), as MMDetection pads.
 SIZE_DIVISOR = 32
+# Detections drawn into predict's PNGs: this score or more (predictions.json keeps all).
+DRAW_SCORE_THR = 0.3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -51,26 +55,50 @@ SIZE_DIVISOR = 32
 # ---------------------------------------------------------------------------------------------
 
 
-def build_dataset(cfg: Config, *, train: bool) -> Dataset:
+def build_dataset(cfg: Config, *, train: bool, class_names: list[str] | None = None) -> DetectionDataset:
+    """The training or validation set of ``cfg``, labelled with the run's one class list.
+
+    The list is ``class_names`` (the training set's, or a checkpoint's), else ``data.class_names``,
+    else, for the training set only, the classes its data holds. A validation set without a list
+    is an error: its own list would number the classes differently from the model's.
+    """
     d = cfg.data
+    names = class_names if class_names is not None else d.class_names
     transforms = build_transforms(train=train, short_side=d.short_side, max_side=d.max_side, flip_prob=d.flip_prob)
     if d.dataset == "synthetic":
         size = (d.synthetic_size, d.synthetic_size)
-        if train:
-            return SyntheticShapes(
-                d.synthetic_train, image_size=size, num_classes=d.synthetic_classes, seed=d.synthetic_seed,
-                transforms=transforms,
-            )
         # Validation images come from a seed range the training set never uses.
-        return SyntheticShapes(
-            d.synthetic_val, image_size=size, num_classes=d.synthetic_classes,
-            seed=d.synthetic_seed + 1_000_003, transforms=transforms,
+        seed = d.synthetic_seed if train else d.synthetic_seed + 1_000_003
+        count = d.synthetic_train if train else d.synthetic_val
+        dataset = SyntheticShapes(
+            count, image_size=size, num_classes=d.synthetic_classes, seed=seed, transforms=transforms
+        )
+        if names is not None and list(names) != dataset.class_names:
+            raise DatasetError(
+                f"class list {list(names)} is not the synthetic set's {dataset.class_names} "
+                f"(data.synthetic_classes={d.synthetic_classes})"
+            )
+        return dataset
+    if not train and names is None:
+        raise ValueError(
+            "the validation set needs the run's class list: pass the training set's or the "
+            "checkpoint's class_names, or set data.class_names"
         )
     if d.dataset == "voc":
         split = d.train_split if train else d.val_split
-        return VOCDataset(d.root, split, class_names=d.class_names, transforms=transforms)
+        return VOCDataset(d.root, split, class_names=names, transforms=transforms)
+    if d.dataset == "yolo":
+        # Labels are indices into data.yaml's names, so a given list must equal them.
+        split = d.train_split if train else d.val_split
+        return YOLODataset(d.root, split, class_names=names, transforms=transforms)
     ann, images = (d.train_ann, d.train_images) if train else (d.val_ann, d.val_images)
-    return CocoDataset(ann, images, transforms=transforms)
+    return CocoDataset(ann, images, class_names=names, transforms=transforms)
+
+
+def build_splits(cfg: Config) -> tuple[DetectionDataset, DetectionDataset]:
+    """``(train_set, val_set)``, the validation set labelled with the training set's class list."""
+    train_set = build_dataset(cfg, train=True)
+    return train_set, build_dataset(cfg, train=False, class_names=train_set.class_names)
 
 
 class SeededAugmentation(Dataset):
@@ -181,9 +209,10 @@ def unwrap(model: torch.nn.Module) -> Detector:
     return model.module if hasattr(model, "module") else model
 
 
-def load_model_weights(model: Detector, path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint's weights for inference (the loss's state is skipped); returns the checkpoint."""
-    ckpt = load_checkpoint(path)
+def load_model_weights(model: Detector, path: str | Path, ckpt: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Load the weights of checkpoint ``path`` (or of ``ckpt``, already loaded from it) into ``model``
+    for inference: the loss's state is skipped. Returns the checkpoint."""
+    ckpt = load_checkpoint(path) if ckpt is None else ckpt
     load_model_state(model, ckpt, path, loss_state=False)
     return ckpt
 
@@ -239,8 +268,9 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True) -> dict[s
     seed_everything(cfg.train.seed + D.get_rank())
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    train_set = build_dataset(cfg, train=True)
-    val_set = build_dataset(cfg, train=False)
+    train_set, val_set = build_splits(cfg)
+    # Every image header and annotation of both splits now, not when its batch comes.
+    raise_if_problems(check_splits(train_set, val_set))
     train_data = SeededAugmentation(train_set, cfg.train.seed)
     sampler = ResumableSampler(len(train_set), shuffle=True, seed=cfg.train.seed)
     iters_per_epoch = math.ceil(len(sampler) / cfg.data.batch_size)
@@ -254,7 +284,8 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True) -> dict[s
     optimizer, scheduler = build_optimizer(cfg, model, iters_per_epoch)
     epoch, batches_done, global_iter = 0, 0, 0
     if ckpt is not None:
-        check_classes(ckpt, train_set.class_names, ckpt_path)
+        if ckpt.get("class_names", train_set.class_names) != train_set.class_names:
+            raise DatasetError(f"{ckpt_path}: trained on classes {ckpt['class_names']}, the data now has {train_set.class_names}")
         load_model_state(model, ckpt, ckpt_path, loss_state=True)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -376,8 +407,8 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, out_dir: str | Path
     cfg = replace(cfg, out_dir=str(out))
     device = resolve_device(cfg.train.device)
     D.init_from_env(device)
-    dataset = build_dataset(cfg, train=False)
-    check_classes(ckpt, dataset.class_names, checkpoint)
+    dataset = build_dataset(cfg, train=False, class_names=ckpt.get("class_names"))
+    raise_if_problems(check_splits(None, dataset))
     model = build_model(cfg, dataset.num_classes).to(device)
     load_model_state(model, ckpt, checkpoint, loss_state=False)
     if D.is_main_process():
@@ -393,13 +424,24 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, out_dir: str | Path
     return metrics
 
 
-def predict(cfg: Config, checkpoint: str | Path, images: list[str | Path], out_dir: str | Path) -> list[dict]:
+def predict(
+    cfg: Config, checkpoint: str | Path, images: list[str | Path], out_dir: str | Path, *, score_thr: float = DRAW_SCORE_THR
+) -> list[dict]:
     """Detect objects in image files; writes ``predictions.json`` (COCO results, original pixels,
-    with ``file_name``) and one PNG per image with the boxes drawn into ``out_dir``."""
+    with ``file_name``) and one PNG per image into ``out_dir``.
+
+    ``images`` are files or folders (every image file in a folder, sorted); all are checked before
+    the model is loaded, so a bad path fails the run before anything is written. The PNGs show the
+    detections with a score of at least ``score_thr``; ``predictions.json`` holds all of them
+    (down to ``eval.score_thr``).
+    """
     from hcral.data import empty_target, load_image
     from hcral.evaluation import detections_to_coco
     from hcral.visualize import draw_detections
 
+    if not 0.0 <= score_thr <= 1.0:
+        raise ValueError(f"score_thr must be in [0, 1], got {score_thr}")
+    paths = collect_images(images)
     device = resolve_device(cfg.train.device)
     ckpt = load_checkpoint(checkpoint)
     check_inference_config(ckpt, cfg, checkpoint)
@@ -412,9 +454,8 @@ def predict(cfg: Config, checkpoint: str | Path, images: list[str | Path], out_d
     transforms = build_transforms(train=False, short_side=cfg.data.short_side, max_side=cfg.data.max_side)
     out = ensure_writable_dir(out_dir)
     results: list[dict] = []
-    for image_id, path in enumerate(images):
-        path = Path(path)
-        image = load_image(path)  # DatasetError naming the file if it is missing or unreadable
+    for image_id, path in enumerate(paths):
+        image = load_image(path)
         tensor, info = transforms(image, empty_target(image.height, image.width, image_id=image_id))
         batch, _ = collate([(tensor, info)], size_divisor=SIZE_DIVISOR)
         det = model(batch.to(device), image_sizes=[info["size"]])[0]
@@ -424,6 +465,6 @@ def predict(cfg: Config, checkpoint: str | Path, images: list[str | Path], out_d
         for d in dets:
             d["file_name"] = path.name
         results.extend(dets)
-        draw_detections(image, dets, class_names, cat_ids).save(out / f"{path.stem}.png")
+        draw_detections(image, dets, class_names, cat_ids, score_thr=score_thr).save(out / f"{path.stem}.png")
     write_json_atomic(out / "predictions.json", results)
     return results

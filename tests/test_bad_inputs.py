@@ -359,10 +359,14 @@ def test_unwritable_out_is_named(tmp_path, capsys, where):
 
 
 def test_predict_into_an_unwritable_out_is_named(trained, tmp_path, capsys):
+    from hcral.runner import build_dataset
+
     run, config = trained
+    image = tmp_path / "img.png"
+    build_dataset(load_config(run / "config.yaml"), train=False).load_image(0).save(image)
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    code, err = run_cli(capsys, "predict", config, "--checkpoint", run / CHECKPOINT, blocker, "--out", blocker / "p")
+    code, err = run_cli(capsys, "predict", config, "--checkpoint", run / CHECKPOINT, image, "--out", blocker / "p")
     assert code == 1 and str(blocker / "p") in error_line(err)
 
 
@@ -387,14 +391,25 @@ def test_not_a_checkpoint_exits_1_without_traceback(trained, tmp_path):
     assert f"{config}: not an hcral checkpoint" in proc.stderr and len(proc.stderr) < MAX_MESSAGE
 
 
-def test_checkpoint_with_other_classes_is_named(trained, tmp_path, capsys):
-    run, config = trained
+def test_config_with_other_classes_uses_the_checkpoints(trained, tmp_path, capsys):
+    run, _ = trained
+    other = write_config(tmp_path / "other.yaml", data={"synthetic_classes": 5})
+    code, err = run_cli(capsys, "eval", other, "--checkpoint", run / CHECKPOINT, "--out", tmp_path / "ev")
+    assert code == 0, err
+    assert "data.synthetic_classes (checkpoint 3, config 5)" in err
+    assert detections(tmp_path / "ev") == detections(run)
+
+
+def test_data_with_other_classes_than_the_checkpoint_is_named(trained, tmp_path, capsys):
+    # The evaluation data is labelled with the checkpoint's classes (issue 11, item 1): raccoons are
+    # none of them. Before: a raw size-mismatch dump of the classifier's weights over 1 KB.
+    run, _ = trained
     code, err = run_cli(
         capsys, "eval", "--checkpoint", run / CHECKPOINT, "--out", tmp_path / "ev",
         "--set", "data.dataset=voc", "--set", f"data.root={RACCOON}",
     )  # fmt: skip
-    line = error_line(err)
-    assert code == 1 and "trained on 3 classes (rectangle, ellipse, triangle)" in line and "1 (raccoon)" in line
+    assert code == 1 and err.startswith("hcral eval: error: ")
+    assert "raccoon-" in err and "unknown class 'raccoon'; valid classes: ['rectangle', 'ellipse', 'triangle']" in err
 
 
 def test_weights_that_do_not_fit_the_model_are_one_line(trained):

@@ -26,6 +26,7 @@ from hcral.data.transforms import (
     to_rgb,
 )
 from hcral.data.voc import VOCDataset
+from hcral.data.yolo import YOLODataset
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -42,6 +43,7 @@ __all__ = [
     "SyntheticShapes",
     "ToTensor",
     "VOCDataset",
+    "YOLODataset",
     "build_transforms",
     "clip_and_drop_boxes",
     "collate",
