@@ -201,21 +201,25 @@ def inference_config(
     """The config to evaluate or predict with: the checkpoint's, with the :data:`INFERENCE_FREE`
     keys taken from ``config_file`` (if any) and then ``overrides``.
 
-    Returns (config, notes): a note names the model-defining keys on which ``config_file`` differs
-    from the checkpoint (the checkpoint's values are used). An override that changes any other key
-    is a :class:`ConfigError` naming the keys.
+    Returns (config, notes): the notes name the model-defining keys on which ``config_file`` differs
+    from the checkpoint (the checkpoint's values are used) and the data settings it changes (they
+    are used). An override that changes any other key is a :class:`ConfigError` naming the keys.
     """
     stored = stored_config(ckpt, path)
     cfg, notes = stored, []
     if config_file is not None:
         diff = config_differences(stored, load_config(config_file))
-        cfg = _with_values(stored, {k: b for k, (_, b) in diff.items() if _matches(k, INFERENCE_FREE)})
+        taken = {k: v for k, v in diff.items() if _matches(k, INFERENCE_FREE)}
+        cfg = _with_values(stored, {k: b for k, (_, b) in taken.items()})
         ignored = {k: v for k, v in diff.items() if _matches(k, INFERENCE_KEYS)}
         if ignored:
             notes.append(
                 f"{config_file} differs from the checkpoint on {_describe(ignored, 'checkpoint', 'config')}; "
                 f"using the checkpoint's values"
             )
+        data = {k: v for k, v in taken.items() if k.startswith("data.") and k != "data.num_workers"}
+        if data:
+            notes.append(f"reading the data {config_file} names: {_describe(data, 'trained with', 'now')}")
     before = copy.deepcopy(cfg)
     apply_overrides(cfg, list(overrides or []))
     conflicts = {k: v for k, v in config_differences(before, cfg).items() if not _matches(k, INFERENCE_FREE)}
