@@ -22,7 +22,7 @@ from PIL import Image, ImageOps
 from torchvision.transforms.v2.functional import to_pil_image
 
 from hcral.cli import main as cli_main
-from hcral.config import load_config
+from hcral.config import ConfigError, load_config
 from hcral.data import DatasetError
 from hcral.runner import CHECKPOINT, build_splits, load_checkpoint, train
 
@@ -315,9 +315,17 @@ def test_val_without_a_class_uses_the_train_list(trained_run):
 def test_resume_on_data_with_other_classes_is_refused(trained_run, tmp_path):
     (tmp_path / "run").mkdir()
     shutil.copy(trained_run / "run" / CHECKPOINT, tmp_path / "run" / CHECKPOINT)
+    # Another class list in the config: the resume's config check names the key.
     overrides = ["data.class_names=[raccoon, aardvark]", f"out_dir={tmp_path / 'run'}"]
     cfg = load_config(trained_run / "config.yaml", overrides)
-    with pytest.raises(DatasetError, match=r"checkpoint\.pt: trained on classes \['aardvark', 'raccoon'\]"):
+    with pytest.raises(ConfigError, match=r"cannot resume .*checkpoint\.pt: .*data\.class_names"):
+        train(cfg, resume=True, progress=False)
+    # The same config, but the data's classes are not the checkpoint's.
+    ckpt = load_checkpoint(tmp_path / "run" / CHECKPOINT)
+    ckpt["class_names"] = ["raccoon", "aardvark"]
+    torch.save(ckpt, tmp_path / "run" / CHECKPOINT)
+    cfg = load_config(trained_run / "config.yaml", [f"out_dir={tmp_path / 'run'}"])
+    with pytest.raises(DatasetError, match=r"checkpoint\.pt: trained on classes \['raccoon', 'aardvark'\]"):
         train(cfg, resume=True, progress=False)
 
 

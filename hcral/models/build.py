@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hcral.config import Config
+from hcral.config import Config, validate
 from hcral.models.backbones import ResNet, SmallBackbone
 from hcral.models.detector import Detector
 from hcral.models.fpn import FPN
@@ -13,17 +13,11 @@ from hcral.models.heads.retinanet import RetinaNetHead
 
 RESNET_DEPTHS = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101}
 HEADS: dict[str, type[DenseHead]] = {"retinanet": RetinaNetHead, "atss": ATSSHead, "fcos_atss": FCOSATSSHead}
-# Which assigners each head can use (RetinaNet is the max-IoU detector; the others sample with ATSS).
-HEAD_ASSIGNERS = {"retinanet": ("max_iou",), "atss": ("atss", "eatss"), "fcos_atss": ("atss", "eatss")}
 
 
 def build_model(cfg: Config, num_classes: int) -> Detector:
+    validate(cfg)  # e.g. an assigner that does not fit the detector, for configs built in Python
     m = cfg.model
-    if cfg.loss.assigner not in HEAD_ASSIGNERS[m.detector]:
-        raise ValueError(
-            f"loss.assigner={cfg.loss.assigner!r} does not fit model.detector={m.detector!r}; "
-            f"valid: {', '.join(HEAD_ASSIGNERS[m.detector])}"
-        )
     if m.backbone == "small":
         if m.pretrained:
             raise ValueError("model.pretrained needs a ResNet backbone (resnet18/34/50/101); 'small' has no ImageNet weights")
