@@ -57,6 +57,8 @@ class ModelConfig:
     frozen_stages: int = 1
     # True: frozen BatchNorm (statistics and affine fixed); False: BatchNorm2d trained in train mode.
     norm_eval: bool = True
+    # resnet50/101: deformable 3x3 convs in these stages (layer1..4), as MMDetection's stage_with_dcn.
+    stage_with_dcn: list[bool] = field(default_factory=lambda: [False, False, False, False])
     fpn_channels: int = 256
     head_channels: int = 256
     head_convs: int = 4

@@ -8,6 +8,7 @@ import torchvision
 from torch import nn
 
 from hcral.models.backbones import FrozenBatchNorm2d, ResNet, SmallBackbone, load_pretrained
+from hcral.models.backbones.resnet import DeformConv2dPack
 
 # ---------------------------------------------------------------------------------------------
 # torchvision's state-dict layout, from torchvision's own classifier model
@@ -212,6 +213,32 @@ def test_norm_eval():
     assert not torch.equal(before, m.layer3[0].bn1.running_mean)
     m.eval()
     assert not m.layer2[0].bn1.training
+
+
+def test_dcn_stages_start_as_the_plain_resnet_and_load_imagenet_weights(tmp_path):
+    dcn = (False, True, True, True)  # MMDetection's dconv_c3-c5
+    state = random_state_dict(50)
+    path = tmp_path / "r50.pth"
+    torch.save(state, path)
+    m = ResNet(50, stage_with_dcn=dcn, weights=path, frozen_stages=-1)
+    assert not isinstance(m.layer1[0].conv2, DeformConv2dPack)
+    assert all(isinstance(b.conv2, DeformConv2dPack) for layer in (m.layer2, m.layer3, m.layer4) for b in layer)
+    extra = {k for k in m.state_dict() if ".conv_offset." in k}
+    assert len(extra) == 2 * (4 + 6 + 3) and all(not m.state_dict()[k].any() for k in extra)  # zero init
+    assert torch.equal(m.state_dict()["layer3.2.conv2.weight"], state["layer3.2.conv2.weight"])
+    # Zero offsets sample the regular grid: the same maps as the plain ResNet with the same weights.
+    plain = ResNet(50, weights=path)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(m.eval()(x), plain.eval()(x), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    # The offset convs train.
+    sum(o.sum() for o in m.train()(x)).backward()
+    assert m.layer4[0].conv2.conv_offset.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="Bottleneck blocks"):
+        ResNet(18, stage_with_dcn=dcn)
+    with pytest.raises(ValueError, match="one flag per stage"):
+        ResNet(50, stage_with_dcn=(True,))
 
 
 def test_resnet_bad_arguments():

@@ -149,6 +149,11 @@ def test_build_backbone_maps_norm_eval_to_frozen_or_trained_bn():
     assert build_backbone(cfg).norm == "bn"
     cfg.backbone = "resnet18"
     assert isinstance(build_backbone(cfg), ResNet) and build_backbone(cfg).norm == "bn"
+    cfg.stage_with_dcn = [False, True, True, True]
+    with pytest.raises(ValueError, match="model.stage_with_dcn=.* needs backbone resnet50 or resnet101, not 'resnet18'"):
+        build_backbone(cfg)
+    cfg.backbone = "resnet50"
+    assert build_backbone(cfg).stage_with_dcn == (False, True, True, True)
 
 
 def test_detector_with_a_timm_backbone_trains(tmp_path):

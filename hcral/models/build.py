@@ -26,6 +26,8 @@ def build_backbone(m: ModelConfig) -> nn.Module:
     ``norm_eval=True`` gives frozen BatchNorms (detectron2's fine-tuning default), ``False`` trainable
     ``BatchNorm2d`` in train mode (outside the frozen stages).
     """
+    if any(m.stage_with_dcn) and m.backbone not in ("resnet50", "resnet101"):
+        raise ValueError(f"model.stage_with_dcn={m.stage_with_dcn} needs backbone resnet50 or resnet101, not {m.backbone!r}")
     if m.backbone == "small":
         if m.pretrained:
             raise ValueError(f"model.pretrained={m.pretrained!r} needs a ResNet or timm backbone; 'small' has no ImageNet weights")
@@ -43,7 +45,12 @@ def build_backbone(m: ModelConfig) -> nn.Module:
             input_std=IMAGENET_STD,
         )
     return ResNet(
-        RESNET_DEPTHS[m.backbone], frozen_stages=m.frozen_stages, norm=norm, norm_eval=m.norm_eval, weights=m.pretrained
+        RESNET_DEPTHS[m.backbone],
+        frozen_stages=m.frozen_stages,
+        norm=norm,
+        norm_eval=m.norm_eval,
+        stage_with_dcn=m.stage_with_dcn,
+        weights=m.pretrained,
     )
 
 

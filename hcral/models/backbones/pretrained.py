@@ -108,11 +108,13 @@ def check_state_dict(
     source: str,
     target: str,
     drop_prefixes: Sequence[str] = (),
+    keep_init: Sequence[str] = (),
 ) -> dict[str, Tensor]:
     """``state`` without the keys under ``drop_prefixes``, after checking it against ``expected``.
 
     ``expected`` maps the target's state dict keys to shapes (keys under ``drop_prefixes`` are
-    ignored on both sides: the ImageNet classifier). BatchNorm ``num_batches_tracked`` counters may
+    ignored on both sides: the ImageNet classifier; keys containing a ``keep_init`` string need not
+    be in ``state``: parts the weights do not have). BatchNorm ``num_batches_tracked`` counters may
     be present or absent on either side. Anything else missing, unexpected or of another shape is a
     ``ValueError`` naming ``source`` and ``target`` and listing the keys.
     """
@@ -122,7 +124,9 @@ def check_state_dict(
 
     state = {k: v for k, v in state.items() if kept(k)}
     expected = {k: s for k, s in expected.items() if kept(k)}
-    missing = [k for k in expected if k not in state and not k.endswith(_BN_COUNTER)]
+    missing = [
+        k for k in expected if k not in state and not k.endswith(_BN_COUNTER) and not any(part in k for part in keep_init)
+    ]
     # A counter is fine where the target has that norm (frozen BNs keep no counter).
     unexpected = [
         k for k in state
@@ -146,22 +150,38 @@ def check_state_dict(
 
 
 def load_state_dict_checked(
-    model: nn.Module, state: Mapping[str, Tensor], *, source: str, drop_prefixes: Sequence[str] = ()
+    model: nn.Module,
+    state: Mapping[str, Tensor],
+    *,
+    source: str,
+    drop_prefixes: Sequence[str] = (),
+    keep_init: Sequence[str] = (),
 ) -> None:
     """Load ``state`` into ``model`` after :func:`check_state_dict`; on a mismatch nothing is loaded."""
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    state = check_state_dict(expected, state, source=source, target=type(model).__name__, drop_prefixes=drop_prefixes)
-    # Counters the model has no slot for (frozen BN) are dropped by torchvision's FrozenBatchNorm2d.
-    model.load_state_dict(state, strict=True)
+    state = check_state_dict(
+        expected, state, source=source, target=type(model).__name__, drop_prefixes=drop_prefixes, keep_init=keep_init
+    )
+    # Counters the model has no slot for (frozen BN) are dropped by torchvision's FrozenBatchNorm2d;
+    # the check above was strict, so strict=False only lets the keep_init keys keep their init.
+    model.load_state_dict(state, strict=not keep_init)
 
 
-def load_pretrained(model: nn.Module, path: str | os.PathLike, *, drop_prefixes: Sequence[str] = ("fc.",)) -> None:
+def load_pretrained(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    drop_prefixes: Sequence[str] = ("fc.",),
+    keep_init: Sequence[str] = (),
+) -> None:
     """Load a torchvision- or timm-format ImageNet state dict file into ``model`` (strict).
 
     ``drop_prefixes`` (default ``fc.``, the 1000-class ImageNet classifier of a ResNet) are dropped
     first: a detection backbone has no classifier. See :func:`check_state_dict` for the rest.
     """
-    load_state_dict_checked(model, read_state_dict(path), source=str(path), drop_prefixes=drop_prefixes)
+    load_state_dict_checked(
+        model, read_state_dict(path), source=str(path), drop_prefixes=drop_prefixes, keep_init=keep_init
+    )
 
 
 # ---------------------------------------------------------------------------------------------

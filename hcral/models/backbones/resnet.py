@@ -9,7 +9,9 @@ bn1, layer1..layer4``), which timm's ResNets share, so ImageNet state dicts of e
 Stage indices follow MMDetection: ``out_indices`` counts ``layer1..layer4`` from 0, so the default
 ``(1, 2, 3)`` returns C3, C4, C5 (strides 8, 16, 32); ``frozen_stages = k`` freezes the stem and
 ``layer1..layerk`` (``0``: stem only, ``-1``: nothing); ``norm_eval`` keeps every BatchNorm in eval
-mode during ``train()`` (statistics from ImageNet, not from detection batches of 2 images a GPU).
+mode during ``train()`` (statistics from ImageNet, not from detection batches of 2 images a GPU);
+``stage_with_dcn`` makes the 3x3 conv of every Bottleneck of the chosen stages deformable
+(:class:`DeformConv2dPack`; MMDetection's ``dconv_c3-c5`` configs use ``(False, True, True, True)``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import torchvision
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.models._utils import IntermediateLayerGetter
-from torchvision.ops import misc
+from torchvision.ops import DeformConv2d, misc
+from torchvision.models.resnet import Bottleneck
 
 from hcral.models.backbones.pretrained import (
     TORCHVISION,
@@ -32,7 +35,7 @@ from hcral.models.backbones.pretrained import (
     torchvision_state_dict,
 )
 
-__all__ = ["FrozenBatchNorm2d", "ResNet", "keep_norms_in_eval"]
+__all__ = ["DeformConv2dPack", "FrozenBatchNorm2d", "ResNet", "keep_norms_in_eval"]
 
 
 class FrozenBatchNorm2d(misc.FrozenBatchNorm2d):
@@ -48,11 +51,39 @@ class FrozenBatchNorm2d(misc.FrozenBatchNorm2d):
         return x * scale.to(x.dtype).view(1, -1, 1, 1) + shift.to(x.dtype).view(1, -1, 1, 1)
 
 
+class DeformConv2dPack(DeformConv2d):
+    """``conv`` made deformable (Dai et al., ICCV 2017): torchvision's ``DeformConv2d`` with its offsets
+    predicted from the same input by a conv of the same geometry (``conv_offset``).
+
+    As mmcv's ``DeformConv2dPack`` (same state dict names, ``weight`` and ``conv_offset.*``): the
+    offset conv starts at zero, so the module starts as the conv it replaces, whose weights it takes.
+    """
+
+    def __init__(self, conv: nn.Conv2d, *, deform_groups: int = 1) -> None:
+        super().__init__(
+            conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+            dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
+        )
+        self.load_state_dict(conv.state_dict())
+        kh, kw = conv.kernel_size
+        self.conv_offset = nn.Conv2d(
+            conv.in_channels, deform_groups * 2 * kh * kw, conv.kernel_size, stride=conv.stride,
+            padding=conv.padding, dilation=conv.dilation,
+        )
+        nn.init.zeros_(self.conv_offset.weight)
+        nn.init.zeros_(self.conv_offset.bias)
+
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        return super().forward(x, self.conv_offset(x))
+
+
 DEPTHS = (18, 34, 50, 101)
 NORM_LAYERS: dict[str, type[nn.Module]] = {"frozen_bn": FrozenBatchNorm2d, "bn": nn.BatchNorm2d}
 _NUM_STAGES = 4
 _STEM = ("conv1", "bn1")
 _CLASSIFIER_PREFIX = "fc."
+# Keys ImageNet weights do not have: the DCN offset convs keep their (zero) init.
+_DCN_OFFSET = ".conv_offset."
 
 
 def keep_norms_in_eval(module: nn.Module, *, norm_eval: bool) -> None:
@@ -68,7 +99,7 @@ def keep_norms_in_eval(module: nn.Module, *, norm_eval: bool) -> None:
 def _load_weights(net: nn.Module, weights: str | os.PathLike, arch: str) -> None:
     scheme, rest = split_weights(str(weights))
     if scheme is None:
-        load_pretrained(net, rest, drop_prefixes=(_CLASSIFIER_PREFIX,))
+        load_pretrained(net, rest, drop_prefixes=(_CLASSIFIER_PREFIX,), keep_init=(_DCN_OFFSET,))
         return
     if scheme != TORCHVISION:
         raise ValueError(
@@ -79,7 +110,7 @@ def _load_weights(net: nn.Module, weights: str | os.PathLike, arch: str) -> None
     if name != arch:
         raise ValueError(f"pretrained weights {weights!r} are for {name}, but the backbone is {arch}")
     state = torchvision_state_dict(arch, tag or TORCHVISION_DEFAULT_TAG)
-    load_state_dict_checked(net, state, source=str(weights), drop_prefixes=(_CLASSIFIER_PREFIX,))
+    load_state_dict_checked(net, state, source=str(weights), drop_prefixes=(_CLASSIFIER_PREFIX,), keep_init=(_DCN_OFFSET,))
 
 
 class ResNet(IntermediateLayerGetter):
@@ -95,6 +126,8 @@ class ResNet(IntermediateLayerGetter):
             or ``"bn"`` (``nn.BatchNorm2d``, affine trained; MMDetection's default).
         norm_eval: keep every ``nn.BatchNorm2d`` in eval mode during ``train()`` (no effect with
             ``"frozen_bn"``, which never updates).
+        stage_with_dcn: per stage ``layer1..layer4``, whether its Bottlenecks' 3x3 convs are
+            deformable (depth 50/101 only, as MMDetection).
         weights: a torchvision/timm ImageNet state dict file, ``torchvision://resnet{depth}[.TAG]``
             (see :mod:`hcral.models.backbones.pretrained`), or None for torchvision's random init.
     """
@@ -107,6 +140,7 @@ class ResNet(IntermediateLayerGetter):
         frozen_stages: int = 1,
         norm: str = "frozen_bn",
         norm_eval: bool = True,
+        stage_with_dcn: Sequence[bool] = (False,) * _NUM_STAGES,
         weights: str | os.PathLike | None = None,
     ) -> None:
         if depth not in DEPTHS:
@@ -119,10 +153,18 @@ class ResNet(IntermediateLayerGetter):
             raise ValueError(f"frozen_stages must be in -1..4, got {frozen_stages!r}")
         if norm not in NORM_LAYERS:
             raise ValueError(f"norm must be one of {tuple(NORM_LAYERS)}, got {norm!r}")
+        stage_with_dcn = tuple(bool(d) for d in stage_with_dcn)
+        if len(stage_with_dcn) != _NUM_STAGES:
+            raise ValueError(f"stage_with_dcn needs one flag per stage (4), got {stage_with_dcn!r}")
 
         arch = f"resnet{depth}"
         net = torchvision.models.get_model(arch, weights=None, norm_layer=NORM_LAYERS[norm])
         del net.avgpool, net.fc  # a detection backbone stops at C5
+        for i, dcn in enumerate(stage_with_dcn):
+            for block in getattr(net, f"layer{i + 1}") if dcn else ():
+                if not isinstance(block, Bottleneck):
+                    raise ValueError(f"stage_with_dcn needs Bottleneck blocks (depth 50 or 101), not {arch}")
+                block.conv2 = DeformConv2dPack(block.conv2)
         if weights is not None:
             _load_weights(net, weights, arch)
         # Stage i's width, as torchvision's resnet_fpn_backbone computes it (inplanes: C5's width).
@@ -134,6 +176,7 @@ class ResNet(IntermediateLayerGetter):
         self.frozen_stages = frozen_stages
         self.norm = norm
         self.norm_eval = norm_eval
+        self.stage_with_dcn = stage_with_dcn
         self.out_channels: list[int] = [stage_channels[i] for i in out_indices]
         self.strides: list[int] = [2 ** (i + 2) for i in out_indices]
         frozen = list(_STEM) if frozen_stages >= 0 else []
