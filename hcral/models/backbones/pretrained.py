@@ -8,7 +8,7 @@ A backbone's ``weights`` (``model.pretrained`` in the config) is one of:
   ``ValueError`` naming the file and the missing, unexpected and wrongly shaped keys.
 * ``torchvision://<arch>[.<TAG>]`` (``resnet*`` backbones): torchvision's weights enum ``TAG`` of
   ``arch``, default ``IMAGENET1K_V1`` -- the weights MMDetection's ``torchvision://resnet50`` loads,
-  i.e. the papers' setting (``DEFAULT`` is V2, a different training recipe). Downloaded once into the
+  as its detection configs use (``DEFAULT`` is V2, a different training recipe). Downloaded once into the
   torch hub cache (``$TORCH_HOME/hub/checkpoints``).
 * ``timm://<name>[.<tag>]`` (``timm:`` backbones): timm's pretrained weights of that model and tag
   (default: timm's default tag), downloaded into the Hugging Face / torch hub cache.
@@ -32,7 +32,9 @@ __all__ = [
     "PACKAGED_WEIGHTS",
     "WeightsDownloadError",
     "check_state_dict",
+    "download_error",
     "load_pretrained",
+    "load_state_dict_checked",
     "packaged_state_dict",
     "read_state_dict",
     "split_weights",
