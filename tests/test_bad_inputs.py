@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 import yaml
 
 from hcral.checkpoint import CHECKPOINT, CheckpointError
@@ -141,7 +142,7 @@ def test_predict_takes_model_settings_from_the_checkpoint(trained, tmp_path, cap
 
     run, _ = trained
     image = tmp_path / "img.png"
-    build_dataset(load_config(run / "config.yaml"), train=False).load_image(0).save(image)
+    torchvision.io.write_png(build_dataset(load_config(run / "config.yaml"), train=False).load_image(0), str(image))
     outs = {}
     for name, section in {"same": {}, "other": {"detector": "atss"}}.items():
         config = write_config(tmp_path / f"{name}.yaml", model=section)
@@ -363,7 +364,7 @@ def test_predict_into_an_unwritable_out_is_named(trained, tmp_path, capsys):
 
     run, config = trained
     image = tmp_path / "img.png"
-    build_dataset(load_config(run / "config.yaml"), train=False).load_image(0).save(image)
+    torchvision.io.write_png(build_dataset(load_config(run / "config.yaml"), train=False).load_image(0), str(image))
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     code, err = run_cli(capsys, "predict", config, "--checkpoint", run / CHECKPOINT, image, "--out", blocker / "p")
