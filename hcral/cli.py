@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from hcral.config import ConfigError, load_config
@@ -97,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hcral", default=None, help="run folder of a trained HCRAL model (HCRA-C + HCRA-R + EATSS)")
     p.add_argument("--image-index", type=int, default=0, help="validation image drawn in the per-prior figure")
     p.add_argument("--only-curves", action="store_true", help="only the figures that need no trained model")
+    p.add_argument("--ap-curves", nargs="+", metavar="RUN", default=None,
+                   help="only the validation AP-versus-iteration plot of these run folders")
     return parser
 
 
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
             for path in make_figures(
                 args.out, baseline_run=args.baseline, hcral_run=args.hcral, image_index=args.image_index,
-                only_curves=args.only_curves,
+                only_curves=args.only_curves, ap_curves=args.ap_curves,
             ):  # fmt: skip
                 print(path)
             return 0
@@ -163,7 +166,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _report(command: str, e: BaseException, code: int) -> int:
-    """The error on stderr, no traceback, with its notes (e.g. where the last good checkpoint is)."""
+    """The error on stderr, no traceback, with its notes (e.g. where the last good checkpoint is).
+
+    The catch is broad (any ValueError or RuntimeError), so HCRAL_TRACEBACK=1 re-raises, for a
+    traceback when the error is a bug rather than bad input."""
+    if os.environ.get("HCRAL_TRACEBACK"):
+        raise e
     text = "; ".join([str(e), *getattr(e, "__notes__", [])])
     print(f"hcral {command}: error: {text}", file=sys.stderr)
     return code

@@ -196,6 +196,10 @@ class DataConfig:
     max_side: int = num(1333, **AT_LEAST_ONE)
     flip_prob: float = num(0.5, **UNIT)
     batch_size: int = num(16, **AT_LEAST_ONE)
+    # Training batches hold only landscape (w >= h) or only portrait images, so padding to the
+    # batch's largest image wastes little (MMDetection's GroupSampler, detectron2's
+    # ASPECT_RATIO_GROUPING). Each group is padded to whole batches by repetition.
+    group_by_aspect_ratio: bool = True
     num_workers: int = num(2, **NON_NEGATIVE)
 
 

@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -122,11 +123,26 @@ class ResumableSampler(Sampler[int]):
     """Shuffled (seed, epoch) order, sharded over ranks, able to start mid-epoch.
 
     With ``pad=True`` (training) the order is padded by repetition so every rank gets as many
-    samples; evaluation uses ``pad=False`` so no image is counted twice.
+    samples; evaluation uses ``pad=False`` so no image is counted twice. With ``groups`` (one id
+    per sample, e.g. landscape/portrait) every run of ``batch_size`` samples a rank draws comes
+    from one group: each group is shuffled and padded by repetition to whole chunks of
+    ``batch_size * world`` samples, and the chunks are shuffled (MMDetection's GroupSampler).
     """
 
-    def __init__(self, size: int, *, shuffle: bool, seed: int = 0, pad: bool = True) -> None:
+    def __init__(
+        self,
+        size: int,
+        *,
+        shuffle: bool,
+        seed: int = 0,
+        pad: bool = True,
+        groups: Sequence[int] | None = None,
+        batch_size: int = 1,
+    ) -> None:
+        if groups is not None and (len(groups) != size or not (shuffle and pad)):
+            raise ValueError("groups need one id per sample, shuffle=True and pad=True")
         self.size, self.shuffle, self.seed, self.pad = size, shuffle, seed, pad
+        self.groups, self.batch_size = groups, batch_size
         self.rank, self.world = D.get_rank(), D.get_world_size()
         self.epoch = 0
         self.start = 0
@@ -135,8 +151,18 @@ class ResumableSampler(Sampler[int]):
         self.epoch, self.start = epoch, start
 
     def _indices(self) -> list[int]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        if self.groups is not None:
+            chunk = self.batch_size * self.world
+            chunks: list[list[int]] = []
+            for group in sorted(set(self.groups)):
+                members = [i for i, k in enumerate(self.groups) if k == group]
+                members = [members[j] for j in torch.randperm(len(members), generator=g).tolist()]
+                padded = math.ceil(len(members) / chunk) * chunk
+                members = [members[j % len(members)] for j in range(padded)]
+                chunks += [members[j : j + chunk] for j in range(0, len(members), chunk)]
+            order = [i for j in torch.randperm(len(chunks), generator=g).tolist() for i in chunks[j]]
+        elif self.shuffle:
             order = torch.randperm(self.size, generator=g).tolist()
         else:
             order = list(range(self.size))
@@ -149,6 +175,11 @@ class ResumableSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return max(len(self._indices()) - self.start, 0)
+
+
+def aspect_groups(dataset: DetectionDataset) -> list[int]:
+    """0 for landscape (w >= h) images, 1 for portrait, from the records' sizes (no decoding)."""
+    return [int(h > w) for h, w in (dataset.image_hw(i) for i in range(len(dataset)))]
 
 
 def make_loader(dataset: Dataset, sampler: Sampler, batch_size: int, num_workers: int, seed: int = 0) -> DataLoader:
@@ -272,7 +303,10 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True) -> dict[s
     # Every image header and annotation of both splits now, not when its batch comes.
     raise_if_problems(check_splits(train_set, val_set))
     train_data = SeededAugmentation(train_set, cfg.train.seed)
-    sampler = ResumableSampler(len(train_set), shuffle=True, seed=cfg.train.seed)
+    sampler = ResumableSampler(
+        len(train_set), shuffle=True, seed=cfg.train.seed, batch_size=cfg.data.batch_size,
+        groups=aspect_groups(train_set) if cfg.data.group_by_aspect_ratio else None,
+    )
     iters_per_epoch = math.ceil(len(sampler) / cfg.data.batch_size)
     if iters_per_epoch == 0:
         raise ValueError(f"the training set is empty ({type(train_set).__name__})")

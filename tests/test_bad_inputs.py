@@ -392,6 +392,13 @@ def test_not_a_checkpoint_exits_1_without_traceback(trained, tmp_path):
     assert f"{config}: not an hcral checkpoint" in proc.stderr and len(proc.stderr) < MAX_MESSAGE
 
 
+def test_hcral_traceback_reraises_the_caught_error(trained, monkeypatch):
+    _, config = trained
+    monkeypatch.setenv("HCRAL_TRACEBACK", "1")
+    with pytest.raises(Exception, match="not an hcral checkpoint"):
+        main(["eval", str(config), "--checkpoint", str(config)])
+
+
 def test_config_with_other_classes_uses_the_checkpoints(trained, tmp_path, capsys):
     run, _ = trained
     other = write_config(tmp_path / "other.yaml", data={"synthetic_classes": 5})

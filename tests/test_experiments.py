@@ -278,6 +278,23 @@ def test_model_figures_from_runs(tmp_path):
     assert data["w"].shape == (n,) and data["omega"].shape == (n,)
     assert data["rho"].shape == data["t"].shape == (int(data["pos"].sum()),)
     assert bool((data["expanded"] <= data["pos"]).all())
+    (curve,) = figures.make_figures(tmp_path / "img", ap_curves=list(runs.values()))  # the final evaluations
+    assert _is_png(curve)
+
+
+def test_ap_curve_figure_reads_the_evaluations_of_a_log(tmp_path):
+    pytest.importorskip("matplotlib")
+    from hcral.experiments import figures
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"iter": 4, "loss": 1.0}, {"iter": 4, "val_AP": 0.1, "val_AP50": 0.3}, {"iter": 8, "val_AP": 0.2, "val_AP50": 0.4}]
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (path,) = figures.make_figures(tmp_path / "img", ap_curves=[run])
+    assert path.name == "ap_vs_iteration.png" and _is_png(path)
+    (run / "log.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    with pytest.raises(ValueError, match="eval_interval"):
+        figures.make_figures(tmp_path / "img", ap_curves=[run])
 
 
 if __name__ == "__main__":

@@ -189,6 +189,11 @@ class DetectionDataset(Dataset):
         """The annotation of image ``index`` in original pixels, without decoding the image."""
         raise NotImplementedError
 
+    def image_hw(self, index: int) -> tuple[int, int]:
+        """``(height, width)`` of image ``index`` in original pixels, without decoding it."""
+        record = self.get_record(index)
+        return record.height, record.width
+
     def load_image(self, index: int) -> Tensor:
         """The image ``index`` before transforms: uint8 RGB ``(3, H, W)`` (see :func:`load_image`)."""
         record = self.get_record(index)

@@ -135,6 +135,9 @@ class SyntheticShapes(DetectionDataset):
             self._render(index)
         return self._records[index]
 
+    def image_hw(self, index: int) -> tuple[int, int]:
+        return self.height, self.width  # every image has one size; no need to render it
+
     def load_image(self, index: int) -> torch.Tensor:
         return self._render(index)[0]
 

@@ -359,6 +359,24 @@ def fig_loss_curves(path: Path, runs: dict[str, Path]) -> Path:
     return _save(fig, path)
 
 
+def fig_ap_curves(path: Path, runs: dict[str, Path]) -> Path:
+    """Validation AP and AP50 against training iteration, from the runs' logs (``train.eval_interval``)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.4))
+    for name, run in runs.items():
+        evals = [r for r in read_log(run) if "val_AP" in r]
+        if not evals:
+            raise ValueError(f"{run}/log.jsonl has no evaluation: train with train.eval_interval > 0")
+        for ax, key in zip(axes, ("val_AP", "val_AP50")):
+            ax.plot([r["iter"] for r in evals], [100 * r[key] for r in evals], marker=".", label=name, lw=1)
+    for ax, key in zip(axes, ("AP", "AP50")):
+        ax.set_title(f"validation {key} (x100)", fontsize=9)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    return _save(fig, path)
+
+
 def make_figures(
     out: str | Path = "docs/img",
     *,
@@ -366,9 +384,13 @@ def make_figures(
     hcral_run: str | Path | None = None,
     image_index: int = 0,
     only_curves: bool = False,
+    ap_curves: list[str | Path] | None = None,
 ) -> list[Path]:
-    """Write the figures into ``out``; the ones needing trained runs only if both run folders are given."""
+    """Write the figures into ``out``; the ones needing trained runs only if both run folders are
+    given. With ``ap_curves`` (run folders), only the AP-versus-iteration plot of those runs."""
     out = Path(out)
+    if ap_curves:
+        return [fig_ap_curves(out / "ap_vs_iteration.png", {Path(run).name: Path(run) for run in ap_curves})]
     paths = [fig_omega(out / "fig3b_omega.png"), fig_t(out / "fig3c_t.png")]
     if only_curves:
         return paths
