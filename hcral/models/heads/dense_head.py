@@ -326,7 +326,7 @@ class DenseHead(nn.Module):
         cls_logits, reg, ctr_logits, sizes = self(feats)
         layout = self.prior_layout(sizes, cls_logits.device)
         boxes = self.decode(layout, reg.float())
-        scores = cls_logits.float().sigmoid()
+        scores = cls_logits.float().sigmoid_()  # in place: the (B, N, C) logits are not needed any more
         ctr = ctr_logits.float().sigmoid() if ctr_logits is not None else None
         t = self.test_cfg
         results = []
