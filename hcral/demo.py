@@ -11,7 +11,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from hcral.config import Config, DataConfig, EvalConfig, LossConfig, ModelConfig, TrainConfig, apply_overrides
+from hcral.checkpoint import RUN_FILES
+from hcral.config import Config, ConfigError, DataConfig, EvalConfig, LossConfig, ModelConfig, TrainConfig, apply_overrides
 from hcral.runner import build_dataset, train
 from hcral.visualize import draw_dataset_detections
 
@@ -54,6 +55,9 @@ def run_demo(out_dir: str | Path = "runs/demo", *, compare: bool = False, overri
     runs = {"HCRAL (FCOS+ATSS)": apply_overrides(demo_config(out / "hcral"), overrides or [])}
     if compare:
         runs["FL+GIoU+ATSS baseline"] = baseline_of(replace(runs["HCRAL (FCOS+ATSS)"], out_dir=str(out / "baseline")))
+    taken = [cfg.out_dir for cfg in runs.values() if any((Path(cfg.out_dir) / f).exists() for f in RUN_FILES)]
+    if taken:
+        raise ConfigError(f"--out {out}: {', '.join(taken)} already holds a demo run; pass another --out (nothing was changed)")
     rows = {}
     for name, cfg in runs.items():
         print(f"== training {name} -> {cfg.out_dir}", flush=True)

@@ -55,7 +55,7 @@ def train_one_epoch(
             terms = model(images, targets)
         loss = sum(terms.values())
         if not torch.isfinite(loss):
-            values = {k: float(v) for k, v in terms.items()}
+            values = {k: float(v.detach()) for k, v in terms.items()}
             raise FloatingPointError(f"non-finite loss {values}; lower train.lr or set train.grad_clip")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

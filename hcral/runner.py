@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -21,16 +22,32 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
 from hcral import distributed as D
-from hcral.config import Config, config_to_dict, save_config
-from hcral.data import CocoDataset, SyntheticShapes, VOCDataset, build_transforms, collate
+from hcral.checkpoint import (
+    CHECKPOINT,
+    LOG,
+    RUN_CONFIG,
+    check_inference_config,
+    check_resume_config,
+    ensure_writable_dir,
+    eval_dir,
+    load_checkpoint,
+    load_model_state,
+    prepare_train_dir,
+)
+from hcral.config import Config, ConfigError, config_to_dict, save_config, validate
+from hcral.data import (
+    CocoDataset, DatasetError, DetectionDataset, SyntheticShapes, VOCDataset, YOLODataset, build_transforms, collate,
+)
+from hcral.data.check import check_splits, collect_images, raise_if_problems
 from hcral.engine import evaluate, train_one_epoch
 from hcral.models.build import build_model
 from hcral.models.detector import Detector
-from hcral.utils import rng_state, seed_everything, set_rng_state, torch_save_atomic, write_json_atomic
+from hcral.utils import add_note, rng_state, seed_everything, set_rng_state, torch_save_atomic, write_json_atomic
 
 # Pad inputs to a multiple of this: the coarsest backbone stride (C5, 32), as MMDetection pads.
 SIZE_DIVISOR = 32
-CHECKPOINT = "checkpoint.pt"
+# Detections drawn into predict's PNGs: this score or more (predictions.json keeps all).
+DRAW_SCORE_THR = 0.3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -38,26 +55,50 @@ CHECKPOINT = "checkpoint.pt"
 # ---------------------------------------------------------------------------------------------
 
 
-def build_dataset(cfg: Config, *, train: bool) -> Dataset:
+def build_dataset(cfg: Config, *, train: bool, class_names: list[str] | None = None) -> DetectionDataset:
+    """The training or validation set of ``cfg``, labelled with the run's one class list.
+
+    The list is ``class_names`` (the training set's, or a checkpoint's), else ``data.class_names``,
+    else, for the training set only, the classes its data holds. A validation set without a list
+    is an error: its own list would number the classes differently from the model's.
+    """
     d = cfg.data
+    names = class_names if class_names is not None else d.class_names
     transforms = build_transforms(train=train, short_side=d.short_side, max_side=d.max_side, flip_prob=d.flip_prob)
     if d.dataset == "synthetic":
         size = (d.synthetic_size, d.synthetic_size)
-        if train:
-            return SyntheticShapes(
-                d.synthetic_train, image_size=size, num_classes=d.synthetic_classes, seed=d.synthetic_seed,
-                transforms=transforms,
-            )
         # Validation images come from a seed range the training set never uses.
-        return SyntheticShapes(
-            d.synthetic_val, image_size=size, num_classes=d.synthetic_classes,
-            seed=d.synthetic_seed + 1_000_003, transforms=transforms,
+        seed = d.synthetic_seed if train else d.synthetic_seed + 1_000_003
+        count = d.synthetic_train if train else d.synthetic_val
+        dataset = SyntheticShapes(
+            count, image_size=size, num_classes=d.synthetic_classes, seed=seed, transforms=transforms
+        )
+        if names is not None and list(names) != dataset.class_names:
+            raise DatasetError(
+                f"class list {list(names)} is not the synthetic set's {dataset.class_names} "
+                f"(data.synthetic_classes={d.synthetic_classes})"
+            )
+        return dataset
+    if not train and names is None:
+        raise ValueError(
+            "the validation set needs the run's class list: pass the training set's or the "
+            "checkpoint's class_names, or set data.class_names"
         )
     if d.dataset == "voc":
         split = d.train_split if train else d.val_split
-        return VOCDataset(d.root, split, class_names=d.class_names, transforms=transforms)
+        return VOCDataset(d.root, split, class_names=names, transforms=transforms)
+    if d.dataset == "yolo":
+        # Labels are indices into data.yaml's names, so a given list must equal them.
+        split = d.train_split if train else d.val_split
+        return YOLODataset(d.root, split, class_names=names, transforms=transforms)
     ann, images = (d.train_ann, d.train_images) if train else (d.val_ann, d.val_images)
-    return CocoDataset(ann, images, transforms=transforms)
+    return CocoDataset(ann, images, class_names=names, transforms=transforms)
+
+
+def build_splits(cfg: Config) -> tuple[DetectionDataset, DetectionDataset]:
+    """``(train_set, val_set)``, the validation set labelled with the training set's class list."""
+    train_set = build_dataset(cfg, train=True)
+    return train_set, build_dataset(cfg, train=False, class_names=train_set.class_names)
 
 
 class SeededAugmentation(Dataset):
@@ -150,7 +191,13 @@ def resolve_device(name: str) -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return torch.device("cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"train.device={name}: CUDA is not available here (torch {torch.__version__}, "
+            f"CUDA build: {torch.version.cuda or 'none'}); use train.device=auto or cpu", key="train.device",
+        )
+    return device
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,21 +209,11 @@ def unwrap(model: torch.nn.Module) -> Detector:
     return model.module if hasattr(model, "module") else model
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file
-        raise RuntimeError(f"{path}: not a readable hcral checkpoint ({e})") from e
-
-
-def load_model_weights(model: Detector, path: str | Path) -> dict[str, Any]:
-    ckpt = load_checkpoint(path)
-    if "model" not in ckpt:
-        raise RuntimeError(f"{path}: no 'model' entry; keys are {sorted(ckpt)}")
-    model.load_state_dict(ckpt["model"])
+def load_model_weights(model: Detector, path: str | Path, ckpt: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Load the weights of checkpoint ``path`` (or of ``ckpt``, already loaded from it) into ``model``
+    for inference: the loss's state is skipped. Returns the checkpoint."""
+    ckpt = load_checkpoint(path) if ckpt is None else ckpt
+    load_model_state(model, ckpt, path, loss_state=False)
     return ckpt
 
 
@@ -209,21 +246,31 @@ def _progress(total: int, initial: int, enabled: bool):
 
 
 def train(cfg: Config, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train as the config says; returns the last metrics (or {} if evaluation is off)."""
+    """Train as the config says; returns the last metrics (or {} if evaluation is off).
+
+    A folder that already holds a run is an error unless ``resume``; a resume continues from its
+    checkpoint only with the same config (hcral/checkpoint.py says which settings may change).
+    """
+    validate(cfg)
     device = resolve_device(cfg.train.device)
     D.init_from_env(device)
     main = D.is_main_process()
     out = Path(cfg.out_dir)
     ckpt_path = out / CHECKPOINT
+    ckpt = load_checkpoint(ckpt_path) if resume and ckpt_path.is_file() else None
+    if ckpt is not None:
+        check_resume_config(ckpt, cfg, ckpt_path)
     if main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+        for stale in prepare_train_dir(out, resume=resume, checkpoint_iter=ckpt["global_iter"] if ckpt else None):
+            print(f"removed {stale}, left by an interrupted write", file=sys.stderr)
+        save_config(cfg, out / RUN_CONFIG)
 
     seed_everything(cfg.train.seed + D.get_rank())
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    train_set = build_dataset(cfg, train=True)
-    val_set = build_dataset(cfg, train=False)
+    train_set, val_set = build_splits(cfg)
+    # Every image header and annotation of both splits now, not when its batch comes.
+    raise_if_problems(check_splits(train_set, val_set))
     train_data = SeededAugmentation(train_set, cfg.train.seed)
     sampler = ResumableSampler(len(train_set), shuffle=True, seed=cfg.train.seed)
     iters_per_epoch = math.ceil(len(sampler) / cfg.data.batch_size)
@@ -236,9 +283,10 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True) -> dict[s
         model = model.to(memory_format=torch.channels_last)
     optimizer, scheduler = build_optimizer(cfg, model, iters_per_epoch)
     epoch, batches_done, global_iter = 0, 0, 0
-    if resume and ckpt_path.is_file():
-        ckpt = load_checkpoint(ckpt_path)
-        model.load_state_dict(ckpt["model"])
+    if ckpt is not None:
+        if ckpt.get("class_names", train_set.class_names) != train_set.class_names:
+            raise DatasetError(f"{ckpt_path}: trained on classes {ckpt['class_names']}, the data now has {train_set.class_names}")
+        load_model_state(model, ckpt, ckpt_path, loss_state=True)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         set_rng_state(ckpt["rng"][min(D.get_rank(), len(ckpt["rng"]) - 1)])
@@ -251,9 +299,13 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True) -> dict[s
     total_iters = iters_per_epoch * cfg.train.epochs
     if cfg.train.max_iters is not None:
         total_iters = min(total_iters, cfg.train.max_iters)
-    log = JsonlLog(out / "log.jsonl", main)
+    if ckpt is not None and global_iter >= total_iters and main:
+        print(f"{ckpt_path} is at iteration {global_iter} of {total_iters} already: nothing to train "
+              f"(hcral eval --checkpoint {ckpt_path} evaluates it)", file=sys.stderr)  # fmt: skip
+    log = JsonlLog(out / LOG, main)
     metrics: dict[str, Any] = {}
     position = {"epoch": epoch, "batches_done": batches_done, "global_iter": global_iter}
+    saved_iter = global_iter if ckpt is not None else None
 
     def checkpoint() -> None:
         states = D.all_gather_objects(rng_state())
@@ -265,6 +317,8 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True) -> dict[s
                 class_names=list(train_set.class_names), cat_ids=list(train_set.cat_ids), **position,
             )
             torch_save_atomic(state, ckpt_path)
+        nonlocal saved_iter
+        saved_iter = position["global_iter"]
 
     bar = _progress(total_iters, global_iter, progress and main)
     started = time.perf_counter()
@@ -308,9 +362,22 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True) -> dict[s
                     log.write({"iter": position["global_iter"], "epoch": e, **{f"val_{k}": v for k, v in metrics.items()}})
             if finished:
                 break
+    except Exception as e:
+        add_note(e, _resume_hint(out, position["global_iter"], saved_iter))
+        raise
     finally:
         bar.close()
     return metrics
+
+
+def _resume_hint(out: Path, global_iter: int, saved_iter: int | None) -> str:
+    """Where a failed run can continue from."""
+    if saved_iter is None:
+        return f"stopped after iteration {global_iter}; no checkpoint was written yet"
+    return (
+        f"stopped after iteration {global_iter}; last good checkpoint: {out / CHECKPOINT} (iteration {saved_iter}); "
+        f"continue with: hcral train {out / RUN_CONFIG} --resume"
+    )
 
 
 def run_evaluation(cfg: Config, model: Detector, dataset: Dataset, device: torch.device, out: Path) -> dict[str, float]:
@@ -325,51 +392,73 @@ def run_evaluation(cfg: Config, model: Detector, dataset: Dataset, device: torch
     return metrics or {}
 
 
-def evaluate_checkpoint(cfg: Config, checkpoint: str | Path) -> dict[str, float]:
-    """Evaluate a checkpoint into ``cfg.out_dir``: config.yaml, log.jsonl, metrics.json,
-    detections.json, and ``checkpoint.pt`` as a link to the evaluated file."""
+def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, out_dir: str | Path | None = None) -> dict[str, float]:
+    """Evaluate a checkpoint into a folder of its own: ``out_dir``, or else ``eval`` (``eval2``, ...)
+    beside the checkpoint (:func:`hcral.checkpoint.eval_dir`). It gets config.yaml, log.jsonl,
+    metrics.json, detections.json, and ``checkpoint.pt`` as a link to the evaluated file.
+
+    ``cfg`` must be the checkpoint's config up to the settings that may change
+    (:data:`hcral.checkpoint.INFERENCE_FREE`); :func:`hcral.checkpoint.inference_config` makes one.
+    """
+    validate(cfg)
+    ckpt = load_checkpoint(checkpoint)
+    check_inference_config(ckpt, cfg, checkpoint)
+    out = eval_dir(checkpoint, cfg, out_dir)
+    cfg = replace(cfg, out_dir=str(out))
     device = resolve_device(cfg.train.device)
     D.init_from_env(device)
-    dataset = build_dataset(cfg, train=False)
+    dataset = build_dataset(cfg, train=False, class_names=ckpt.get("class_names"))
+    raise_if_problems(check_splits(None, dataset))
     model = build_model(cfg, dataset.num_classes).to(device)
-    load_model_weights(model, checkpoint)
-    out = Path(cfg.out_dir)
+    load_model_state(model, ckpt, checkpoint, loss_state=False)
     if D.is_main_process():
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+        ensure_writable_dir(out)
+        save_config(cfg, out / RUN_CONFIG)
         link = out / CHECKPOINT
         if not link.exists():
             link.symlink_to(Path(checkpoint).resolve())
     metrics = run_evaluation(cfg, model, dataset, device, out)
-    JsonlLog(out / "log.jsonl", D.is_main_process()).write(
+    JsonlLog(out / LOG, D.is_main_process()).write(
         {"event": "eval", "checkpoint": str(Path(checkpoint).resolve()), **{f"val_{k}": v for k, v in metrics.items()}}
     )
     return metrics
 
 
-def predict(cfg: Config, checkpoint: str | Path, images: list[str | Path], out_dir: str | Path) -> list[dict]:
+def predict(
+    cfg: Config, checkpoint: str | Path, images: list[str | Path], out_dir: str | Path, *, score_thr: float = DRAW_SCORE_THR
+) -> list[dict]:
     """Detect objects in image files; writes ``predictions.json`` (COCO results, original pixels,
-    with ``file_name``) and one PNG per image with the boxes drawn into ``out_dir``."""
+    with ``file_name``) and one PNG per image into ``out_dir``.
+
+    ``images`` are files or folders (every image file in a folder, sorted); all are checked before
+    the model is loaded, so a bad path fails the run before anything is written. The PNGs show the
+    detections with a score of at least ``score_thr``; ``predictions.json`` holds all of them
+    (down to ``eval.score_thr``).
+    """
+    from torchvision.transforms.v2.functional import to_pil_image
+
     from hcral.data import empty_target, load_image
     from hcral.evaluation import detections_to_coco
     from hcral.visualize import draw_detections
 
+    if not 0.0 <= score_thr <= 1.0:
+        raise ValueError(f"score_thr must be in [0, 1], got {score_thr}")
+    paths = collect_images(images)
     device = resolve_device(cfg.train.device)
     ckpt = load_checkpoint(checkpoint)
+    check_inference_config(ckpt, cfg, checkpoint)
     class_names, cat_ids = ckpt.get("class_names"), ckpt.get("cat_ids")
     if not class_names:
         raise RuntimeError(f"{checkpoint}: no class names stored; was it written by 'hcral train'?")
     model = build_model(cfg, len(class_names)).to(device)
-    model.load_state_dict(ckpt["model"])
+    load_model_state(model, ckpt, checkpoint, loss_state=False)
     model.eval()
     transforms = build_transforms(train=False, short_side=cfg.data.short_side, max_side=cfg.data.max_side)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_writable_dir(out_dir)
     results: list[dict] = []
-    for image_id, path in enumerate(images):
-        path = Path(path)
-        image = load_image(path)  # DatasetError naming the file if it is missing or unreadable
-        tensor, info = transforms(image, empty_target(image.height, image.width, image_id=image_id))
+    for image_id, path in enumerate(paths):
+        image = load_image(path)  # uint8 (3, H, W)
+        tensor, info = transforms(image, empty_target(*image.shape[-2:], image_id=image_id))
         batch, _ = collate([(tensor, info)], size_divisor=SIZE_DIVISOR)
         det = model(batch.to(device), image_sizes=[info["size"]])[0]
         dets = detections_to_coco(
@@ -378,6 +467,7 @@ def predict(cfg: Config, checkpoint: str | Path, images: list[str | Path], out_d
         for d in dets:
             d["file_name"] = path.name
         results.extend(dets)
-        draw_detections(image, dets, class_names, cat_ids).save(out / f"{path.stem}.png")
+        drawn = draw_detections(image, dets, class_names, cat_ids, score_thr=score_thr)
+        to_pil_image(drawn).save(out / f"{path.stem}.png")
     write_json_atomic(out / "predictions.json", results)
     return results

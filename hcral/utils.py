@@ -15,6 +15,8 @@ import torch
 
 # mkstemp creates files owner-only; results are ordinary files.
 _FILE_MODE = 0o644
+# Temporary files of an atomic write are ".<name>.<random>.tmp" beside their target.
+_TMP_PREFIX, _TMP_SUFFIX = ".", ".tmp"
 
 
 def _atomic_replace(path: str | Path, write: Any) -> Path:
@@ -22,7 +24,7 @@ def _atomic_replace(path: str | Path, write: Any) -> Path:
     half a file, and a crash leaves the old file intact. Parent folders are created."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -37,6 +39,16 @@ def _atomic_replace(path: str | Path, write: Any) -> Path:
     return path
 
 
+def remove_stale_temp_files(folder: str | Path) -> list[Path]:
+    """Delete the temporary files that atomic writes in ``folder`` left behind when the process was
+    killed between creating and renaming them; returns their paths. Call it only while no other
+    process writes into ``folder``."""
+    stale = [p for p in Path(folder).glob(f"{_TMP_PREFIX}*{_TMP_SUFFIX}") if p.is_file()]
+    for p in stale:
+        p.unlink()
+    return stale
+
+
 def write_text_atomic(path: str | Path, text: str) -> Path:
     return _atomic_replace(path, lambda f: f.write(text.encode()))
 
@@ -47,6 +59,14 @@ def write_json_atomic(path: str | Path, obj: Any, *, indent: int | None = None) 
 
 def torch_save_atomic(obj: Any, path: str | Path) -> None:
     _atomic_replace(path, lambda f: torch.save(obj, f))
+
+
+def add_note(e: BaseException, note: str) -> None:
+    """``e.add_note(note)``, also on Python 3.10 (where the CLI still reads ``__notes__``)."""
+    if hasattr(e, "add_note"):
+        e.add_note(note)
+    else:
+        e.__notes__ = [*getattr(e, "__notes__", []), note]  # type: ignore[attr-defined]
 
 
 def seed_everything(seed: int) -> None:

@@ -1,59 +1,25 @@
-"""ResNet (torchvision layout, pretrained loading, freezing) and the small CPU backbone."""
+"""ResNet (torchvision's, pretrained loading, freezing) and the small CPU backbone."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torchvision
 from torch import nn
 
 from hcral.models.backbones import FrozenBatchNorm2d, ResNet, SmallBackbone, load_pretrained
+from hcral.models.backbones.resnet import DeformConv2dPack
 
 # ---------------------------------------------------------------------------------------------
-# torchvision's state-dict layout, written from the architecture definition (not from our module)
+# torchvision's state-dict layout, from torchvision's own classifier model
 # ---------------------------------------------------------------------------------------------
-
-_LAYOUT = {18: ("basic", [2, 2, 2, 2]), 34: ("basic", [3, 4, 6, 3]), 50: ("bottleneck", [3, 4, 6, 3]),
-           101: ("bottleneck", [3, 4, 23, 3])}
 
 
 def torchvision_resnet_shapes(depth: int) -> dict[str, tuple[int, ...]]:
     """Every key of ``torchvision.models.resnet{depth}().state_dict()`` with its shape, in order."""
-    kind, blocks = _LAYOUT[depth]
-    shapes: dict[str, tuple[int, ...]] = {}
-
-    def bn(prefix: str, c: int) -> None:
-        for name in ("weight", "bias", "running_mean", "running_var"):
-            shapes[f"{prefix}.{name}"] = (c,)
-        shapes[f"{prefix}.num_batches_tracked"] = ()
-
-    shapes["conv1.weight"] = (64, 3, 7, 7)
-    bn("bn1", 64)
-    inplanes = 64
-    for stage, (planes, n) in enumerate(zip([64, 128, 256, 512], blocks)):
-        for b in range(n):
-            p = f"layer{stage + 1}.{b}"
-            stride = 2 if (b == 0 and stage > 0) else 1
-            if kind == "basic":
-                shapes[f"{p}.conv1.weight"] = (planes, inplanes, 3, 3)
-                bn(f"{p}.bn1", planes)
-                shapes[f"{p}.conv2.weight"] = (planes, planes, 3, 3)
-                bn(f"{p}.bn2", planes)
-                out = planes
-            else:
-                shapes[f"{p}.conv1.weight"] = (planes, inplanes, 1, 1)
-                bn(f"{p}.bn1", planes)
-                shapes[f"{p}.conv2.weight"] = (planes, planes, 3, 3)
-                bn(f"{p}.bn2", planes)
-                shapes[f"{p}.conv3.weight"] = (planes * 4, planes, 1, 1)
-                bn(f"{p}.bn3", planes * 4)
-                out = planes * 4
-            if b == 0 and (stride != 1 or inplanes != out):
-                shapes[f"{p}.downsample.0.weight"] = (out, inplanes, 1, 1)
-                bn(f"{p}.downsample.1", out)
-            inplanes = out
-    shapes["fc.weight"] = (1000, inplanes)
-    shapes["fc.bias"] = (1000,)
-    return shapes
+    with torch.device("meta"):
+        net = torchvision.models.get_model(f"resnet{depth}")
+    return {k: tuple(v.shape) for k, v in net.state_dict().items()}
 
 
 def random_state_dict(depth: int, *, seed: int = 0, with_counters: bool = True) -> dict[str, torch.Tensor]:
@@ -70,7 +36,7 @@ def random_state_dict(depth: int, *, seed: int = 0, with_counters: bool = True) 
     return state
 
 
-def test_layout_builder_matches_torchvision_counts():
+def test_torchvision_layout_counts():
     # Independent facts about torchvision: resnet18 / resnet50 state dicts have 122 / 320 entries.
     assert len(torchvision_resnet_shapes(18)) == 122
     assert len(torchvision_resnet_shapes(50)) == 320
@@ -167,7 +133,11 @@ def test_frozen_bn_equals_batchnorm_in_eval():
     fbn.load_state_dict(bn.state_dict())  # carries num_batches_tracked: dropped
     x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
     torch.testing.assert_close(fbn.double()(x), bn.double()(x))
+    # The output keeps the activation's dtype: fp16 input, and bf16 under autocast (fp32 buffers).
     assert FrozenBatchNorm2d(8)(torch.randn(1, 8, 2, 2).half()).dtype == torch.float16
+    conv = nn.Conv2d(3, 8, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert FrozenBatchNorm2d(8)(conv(torch.randn(1, 3, 4, 4))).dtype == torch.bfloat16
 
 
 def test_frozen_bn_and_bn_in_eval_give_the_same_resnet():
@@ -216,9 +186,9 @@ def test_frozen_stages():
     m = ResNet(18, norm="frozen_bn", frozen_stages=-1)
     assert not any(isinstance(mod, nn.BatchNorm2d) for mod in m.modules())
     assert all("bn" not in name and "downsample.1" not in name for name, _ in m.named_parameters())
-    # stages after the last output neither run nor train
+    # stages after the last output are not built
     m = ResNet(18, out_indices=(1, 2), frozen_stages=-1)
-    assert _frozen(m.layer4) and _trainable(m.layer3) and len(m(torch.randn(1, 3, 64, 64))) == 2
+    assert "layer4" not in m and _trainable(m.layer3) and len(m(torch.randn(1, 3, 64, 64))) == 2
 
 
 def test_gradients_reach_only_trainable_stages():
@@ -243,6 +213,32 @@ def test_norm_eval():
     assert not torch.equal(before, m.layer3[0].bn1.running_mean)
     m.eval()
     assert not m.layer2[0].bn1.training
+
+
+def test_dcn_stages_start_as_the_plain_resnet_and_load_imagenet_weights(tmp_path):
+    dcn = (False, True, True, True)  # MMDetection's dconv_c3-c5
+    state = random_state_dict(50)
+    path = tmp_path / "r50.pth"
+    torch.save(state, path)
+    m = ResNet(50, stage_with_dcn=dcn, weights=path, frozen_stages=-1)
+    assert not isinstance(m.layer1[0].conv2, DeformConv2dPack)
+    assert all(isinstance(b.conv2, DeformConv2dPack) for layer in (m.layer2, m.layer3, m.layer4) for b in layer)
+    extra = {k for k in m.state_dict() if ".conv_offset." in k}
+    assert len(extra) == 2 * (4 + 6 + 3) and all(not m.state_dict()[k].any() for k in extra)  # zero init
+    assert torch.equal(m.state_dict()["layer3.2.conv2.weight"], state["layer3.2.conv2.weight"])
+    # Zero offsets sample the regular grid: the same maps as the plain ResNet with the same weights.
+    plain = ResNet(50, weights=path)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(m.eval()(x), plain.eval()(x), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    # The offset convs train.
+    sum(o.sum() for o in m.train()(x)).backward()
+    assert m.layer4[0].conv2.conv_offset.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="Bottleneck blocks"):
+        ResNet(18, stage_with_dcn=dcn)
+    with pytest.raises(ValueError, match="one flag per stage"):
+        ResNet(50, stage_with_dcn=(True,))
 
 
 def test_resnet_bad_arguments():

@@ -445,7 +445,7 @@ def test_synthetic_rectangle_box_is_tight() -> None:
         6, num_classes=1, min_objects=1, max_objects=1, max_distractor_lines=0, noise_std=0.0
     )
     for index in range(len(dataset)):
-        pixels = np.asarray(dataset.load_image(index)).astype(int)  # (H, W, 3)
+        pixels = dataset.load_image(index).permute(1, 2, 0).numpy().astype(int)  # (H, W, 3)
         ((x1, y1, x2, y2),) = dataset.get_record(index).boxes.astype(int).tolist()
         colour = pixels[y1, x1]
         assert (pixels[y1:y2, x1:x2] == colour).all()
@@ -610,9 +610,6 @@ def test_mode_conversions_to_rgb() -> None:
     palette = Image.new("P", (5, 4), 1)
     palette.putpalette([0, 0, 0, 255, 0, 128] + [0] * 762)
     torch.testing.assert_close(ToTensor()(palette)[0][:, 2, 3], torch.tensor([1.0, 0.0, 128 / 255]))
-
-    sixteen = Image.fromarray(np.full((4, 5), 65535, dtype=np.uint16))
-    torch.testing.assert_close(ToTensor()(sixteen)[0], torch.ones(3, 4, 5))
 
     four = torch.randint(0, 256, (4, 3, 3), dtype=torch.uint8)
     torch.testing.assert_close(ToTensor()(four)[0], four[:3].float() / 255)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torchvision.transforms.v2.functional import to_pil_image
 
 from hcral.cli import main as cli_main
 from hcral.config import Config, load_config
@@ -129,7 +130,7 @@ def test_train_writes_run_folder_and_eval_and_predict_work(tmp_path):
     dataset = build_dataset(cfg, train=False)
     for i in range(2):
         path = tmp_path / f"img{i}.png"
-        dataset.load_image(i).save(path)
+        to_pil_image(dataset.load_image(i)).save(path)
         images.append(str(path))
     code = cli_main(["predict", str(run / "config.yaml"), "--checkpoint", str(run / CHECKPOINT), *images, "--out", str(tmp_path / "pred")])
     assert code == 0

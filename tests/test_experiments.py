@@ -147,7 +147,7 @@ def test_grid_runs_resumes_and_writes_tables(tmp_path):
 def test_interrupted_run_is_resumed_and_failures_are_kept(tmp_path):
     axes = {"variant": {
         "ok": ["model.detector=fcos_atss"],
-        "bad_assigner": ["model.detector=fcos_atss", "loss.assigner=max_iou"],  # raises in the head
+        "bad_data": ["data.dataset=voc", f"data.root={tmp_path / 'no_data'}"],  # fails in training
         "bad_value": ["loss.cls=nope"],  # rejected by the config
     }}  # fmt: skip
     spec = _spec(tmp_path, axes, seeds=(0,), baseline="ok")
@@ -161,11 +161,11 @@ def test_interrupted_run_is_resumed_and_failures_are_kept(tmp_path):
     results = ablate.run_grid(spec, in_process=True, threads=1, log=lambda s: None)
     assert [r.status for r in results] == ["ok", "failed", "failed"]
     assert not results[0].reused  # re-run (resumed from its checkpoint at the last iteration)
-    assert "assigner" in results[1].error and "max_iou" in results[1].error
+    assert "DatasetError" in results[1].error and "no_data" in results[1].error
     assert results[2].error.startswith("config:") and "nope" in results[2].error
     assert [r.run_dir for r in results] == [str(p.run_dir) for p in plan]
     runs = _read_csv(tmp_path / "results" / "tiny_runs.csv")
-    assert [r["status"] for r in runs] == ["ok", "failed", "failed"] and "max_iou" in runs[1]["error"]
+    assert [r["status"] for r in runs] == ["ok", "failed", "failed"] and "no_data" in runs[1]["error"]
     cells = _read_csv(tmp_path / "results" / "tiny.csv")
     assert [(c["n"], c["n_failed"]) for c in cells] == [("1", "0"), ("0", "1"), ("0", "1")]
     md = (tmp_path / "results" / "tiny.md").read_text()
@@ -185,7 +185,11 @@ def test_subprocess_workers_and_cli(tmp_path, monkeypatch):
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump({
         "name": "cli grid", "base_overrides": TINY, "seeds": [3],
-        "axes": {"v": {"ok": ["model.detector=fcos_atss"], "bad": ["model.detector=fcos_atss", "loss.assigner=max_iou"]}},
+        "axes": {"v": {
+            "ok": ["model.detector=fcos_atss"],
+            # A valid config whose run fails: the data folder does not exist.
+            "bad": ["model.detector=fcos_atss", "data.dataset=voc", f"data.root={tmp_path / 'no_data'}"],
+        }},
         "baseline": "ok", "out_dir": str(tmp_path / "runs"), "results": str(tmp_path / "res" / "cli"),
     }, sort_keys=False))  # fmt: skip
     assert main(["ablate", str(spec_path), "--dry-run"]) == 0
@@ -194,7 +198,7 @@ def test_subprocess_workers_and_cli(tmp_path, monkeypatch):
     assert main(["ablate", str(spec_path), "--workers", "2", "--threads", "1"]) == 1
     runs = _read_csv(tmp_path / "res" / "cli_runs.csv")
     assert [(r["cell"], r["status"]) for r in runs] == [("ok", "ok"), ("bad", "failed")]
-    assert runs[1]["error"].startswith("exit code 2") and "max_iou" in runs[1]["error"]
+    assert runs[1]["error"].startswith("exit code 1") and "no_data" in runs[1]["error"]
     assert "hcral train" in (tmp_path / "runs" / "bad" / "seed3" / ablate.RUN_LOG).read_text()
     md = (tmp_path / "res" / "cli.md").read_text()
     assert f"Command: `hcral ablate {spec_path} --workers 2 --threads 1`" in md

@@ -6,7 +6,7 @@ Every dataset returns ``(image, target)`` pairs with the target layout described
 
 from __future__ import annotations
 
-from hcral.data.base import DetectionDataset, ImageRecord, load_image
+from hcral.data.base import DetectionDataset, ImageRecord, load_image, read_image_size
 from hcral.data.coco import CocoDataset
 from hcral.data.collate import collate, padded_size
 from hcral.data.errors import DatasetError
@@ -23,9 +23,9 @@ from hcral.data.transforms import (
     clip_and_drop_boxes,
     empty_target,
     horizontal_flip,
-    to_rgb,
 )
 from hcral.data.voc import VOCDataset
+from hcral.data.yolo import YOLODataset
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -42,6 +42,7 @@ __all__ = [
     "SyntheticShapes",
     "ToTensor",
     "VOCDataset",
+    "YOLODataset",
     "build_transforms",
     "clip_and_drop_boxes",
     "collate",
@@ -49,5 +50,5 @@ __all__ = [
     "load_image",
     "horizontal_flip",
     "padded_size",
-    "to_rgb",
+    "read_image_size",
 ]

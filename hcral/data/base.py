@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,34 +10,102 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+import torchvision.transforms.v2.functional as TF
+from PIL import ExifTags, Image, ImageOps
+from torch import Tensor
 from torch.utils.data import Dataset
+from torchvision.io import ImageReadMode, decode_image, read_file
 
 from hcral.data.errors import DatasetError
-from hcral.data.transforms import ToTensor, clip_boxes, to_rgb
+from hcral.data.transforms import ToTensor, clip_boxes, image_size
 
-__all__ = ["DetectionDataset", "ImageRecord", "load_image"]
+__all__ = ["DetectionDataset", "ImageRecord", "load_image", "read_image_size"]
 
 Transform = Callable[[Any, dict[str, Any]], tuple[Any, dict[str, Any]]]
 
+# JPEG and PNG (by their first bytes) are decoded by torchvision.io, which applies their EXIF
+# orientation; other formats (WebP, GIF, BMP, TIFF, ...) by PIL, turned by ImageOps.exif_transpose.
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_TORCHVISION_FORMATS = ("JPEG", "PNG")
+# EXIF orientations 5-8 turn the stored image by 90 degrees (with or without a mirror).
+_QUARTER_TURN_ORIENTATIONS = (5, 6, 7, 8)
+_TIFF_WIDTH, _TIFF_LENGTH = 256, 257  # TIFF tags of the stored size
+# torchvision's decoder errors read "<function>, <source file>.cpp:<line>, <message>".
+_CPP_LOCATION = re.compile(r"^[^,]+, \S+:\d+, ")
+# What PIL raises for a file it cannot identify or decode (UnidentifiedImageError is an OSError).
+_PIL_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
-def load_image(path: str | Path) -> Image.Image:
-    """Decode ``path`` fully into an RGB PIL image (see :func:`hcral.data.transforms.to_rgb`).
+
+def load_image(path: str | Path) -> Tensor:
+    """Decode ``path`` into a uint8 RGB tensor ``(3, H, W)``, turned upright by its EXIF orientation.
+
+    JPEG and PNG are decoded by ``torchvision.io`` (libjpeg-turbo, libpng), every other format PIL
+    opens (WebP, GIF's first frame, BMP, TIFF, ...) by PIL with ``ImageOps.exif_transpose``.
+    :func:`read_image_size` gives the same ``(H, W)`` from the header. Grey, grey + alpha,
+    palette, RGBA and CMYK become RGB (alpha is dropped: the colour stored under transparent pixels
+    is kept, as OpenCV's ``imread(IMREAD_COLOR)`` does for MMDetection); 16-bit PNG is scaled to 8
+    bits (its high byte), 16-bit images of other formats are clipped by PIL's ``convert``.
 
     Raises:
-        DatasetError: naming ``path`` if the file is missing or cannot be decoded.
+        DatasetError: naming ``path`` if the file is missing or empty, is not an image, or cannot
+            be decoded (truncated, corrupt).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: image file not found")
+    if path.stat().st_size == 0:
+        raise DatasetError(f"{path}: cannot read image: the file is empty")
+    data = read_file(str(path))  # (num_bytes,) uint8
+    head = bytes(data[: len(_PNG_MAGIC)].tolist())
+    if not (head.startswith(_JPEG_MAGIC) or head.startswith(_PNG_MAGIC)):
+        try:
+            with Image.open(path) as image:
+                return TF.pil_to_tensor(ImageOps.exif_transpose(image).convert("RGB"))
+        except _PIL_ERRORS as error:
+            raise DatasetError(f"{path}: cannot read image: {error}") from error
+    try:
+        image = decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    except RuntimeError as error:
+        message = _CPP_LOCATION.sub("", str(error).splitlines()[0])
+        raise DatasetError(f"{path}: cannot read image: {message}") from error
+    return TF.to_dtype(image, torch.uint8, scale=True)  # 16-bit PNG decodes to uint16
+
+
+def read_image_size(path: str | Path) -> tuple[int, int]:
+    """``(height, width)`` of :func:`load_image`'s tensor for ``path``, from the file header alone.
+
+    PIL reads the header (size, format, EXIF) without decoding pixels; orientations 5-8 swap
+    height and width, as :func:`load_image` turns the image upright. A truncated or corrupt body is
+    only found by decoding (:func:`load_image`, :func:`hcral.data.check.check_image`).
+
+    Raises:
+        DatasetError: naming ``path`` if the file is missing or has no readable image header.
     """
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: image file not found")
     try:
         with Image.open(path) as image:
-            image.load()
-            return to_rgb(image)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        # PIL reports undecodable bytes as UnidentifiedImageError (an OSError), truncated data as
-        # OSError, some broken headers as SyntaxError/ValueError.
-        raise DatasetError(f"{path}: cannot read image: {error}") from error
+            width, height = image.size
+            tags = getattr(image, "tag_v2", None)
+            if tags is not None and _TIFF_WIDTH in tags and _TIFF_LENGTH in tags:
+                # Recent Pillow reports a TIFF's size already turned by its orientation.
+                width, height = int(tags[_TIFF_WIDTH]), int(tags[_TIFF_LENGTH])
+            if image.format in _TORCHVISION_FORMATS:
+                # The EXIF block torchvision reads (before the pixel data), without XMP: PNG's
+                # ``getexif`` would decode the pixels to look for more.
+                exif = Image.Exif()
+                if image.info.get("exif"):
+                    exif.load(image.info["exif"])
+            else:
+                exif = image.getexif()  # what exif_transpose reads
+            orientation = exif.get(ExifTags.Base.Orientation, 1)
+    except _PIL_ERRORS as error:
+        raise DatasetError(f"{path}: cannot read image header: {error}") from error
+    if orientation in _QUARTER_TURN_ORIENTATIONS:
+        return width, height
+    return height, width
 
 
 @dataclass
@@ -120,13 +189,13 @@ class DetectionDataset(Dataset):
         """The annotation of image ``index`` in original pixels, without decoding the image."""
         raise NotImplementedError
 
-    def load_image(self, index: int) -> Image.Image:
-        """The RGB image ``index`` as stored (before transforms)."""
+    def load_image(self, index: int) -> Tensor:
+        """The image ``index`` before transforms: uint8 RGB ``(3, H, W)`` (see :func:`load_image`)."""
         record = self.get_record(index)
         assert record.path is not None, "records without a path need load_image overridden"
         return load_image(record.path)
 
-    def _load(self, index: int) -> tuple[Image.Image, ImageRecord]:
+    def _load(self, index: int) -> tuple[Tensor, ImageRecord]:
         """Image and record together (generated datasets make both in one pass)."""
         return self.load_image(index), self.get_record(index)
 
@@ -148,9 +217,10 @@ class DetectionDataset(Dataset):
             raise IndexError(f"index {index} out of range for {len(self)} images")
         index = index % len(self)
         image, record = self._load(index)
-        if (image.height, image.width) != (record.height, record.width):
+        height, width = image_size(image)
+        if (height, width) != (record.height, record.width):
             raise DatasetError(
-                f"{record.path or record.file_name}: image is {image.width}x{image.height} pixels "
+                f"{record.path or record.file_name}: image is {width}x{height} pixels "
                 f"but its annotation says {record.width}x{record.height} (width x height)"
             )
         target: dict[str, Any] = {

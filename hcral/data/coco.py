@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from hcral.data.base import DetectionDataset, ImageRecord, Transform
+from hcral.data.check import validate_class_names
 from hcral.data.errors import DatasetError
 
 __all__ = ["CocoDataset"]
@@ -19,11 +21,13 @@ class CocoDataset(DetectionDataset):
     * ``bbox [x, y, w, h]`` becomes xyxy ``(x, y, x + w, y + h)`` in continuous pixels (COCO
       boxes are already continuous 0-based); boxes are clipped to the image, empty ones dropped.
     * Labels are contiguous: label ``i`` is the ``i``-th category id in ascending order
-      (``cat_ids[i]``), ``class_names[i]`` its name. COCO's 80 ids run 1..90 with gaps.
+      (``cat_ids[i]``), ``class_names[i]`` its name (or the order of ``class_names`` if given).
+      COCO's 80 ids run 1..90 with gaps. Category names must be distinct.
     * ``iscrowd = 1`` (or ``ignore = 1``) annotations go to ``ignore_boxes``.
     * Images without annotations are kept (negatives); nothing is skipped silently: every problem
       raises :class:`DatasetError` naming the JSON file and the entry.
-    * A JSON without an ``annotations`` list (e.g. COCO test-dev image info) is an unlabelled set.
+    * A JSON without an ``annotations`` list (e.g. COCO test-dev image info) is an unlabelled set
+      (``labelled`` is False); :func:`hcral.data.check.check_splits` refuses it for training.
 
     All annotations are checked and every image file must exist at construction; images are
     decoded in ``__getitem__``.
@@ -31,6 +35,9 @@ class CocoDataset(DetectionDataset):
     Args:
         ann_file: the JSON file.
         image_dir: folder that ``images[*].file_name`` is relative to.
+        class_names: the run's classes (the training set's): label ``i`` is the category named
+            ``class_names[i]``, whatever its id in this JSON; a JSON whose category names are not
+            exactly these is an error naming the differences. ``None``: the JSON's categories.
         transforms: ``(image, target) -> (image, target)``; ``None`` = ``ToTensor()`` only.
     """
 
@@ -39,6 +46,7 @@ class CocoDataset(DetectionDataset):
         ann_file: str | Path,
         image_dir: str | Path,
         *,
+        class_names: Sequence[str] | None = None,
         transforms: Transform | None = None,
     ) -> None:
         super().__init__(transforms)
@@ -58,8 +66,22 @@ class CocoDataset(DetectionDataset):
             if cat_id in category_name:
                 raise DatasetError(f"{entry}: duplicate category id {cat_id}")
             category_name[cat_id] = name
-        self.cat_ids = sorted(category_name)
-        self.class_names = [category_name[cat_id] for cat_id in self.cat_ids]
+        validate_class_names(category_name.values(), f"{where}: categories")
+        if class_names is None:
+            self.cat_ids = sorted(category_name)
+            self.class_names = [category_name[cat_id] for cat_id in self.cat_ids]
+        else:
+            self.class_names = validate_class_names(class_names, "class_names")
+            id_of = {name: cat_id for cat_id, name in category_name.items()}
+            extra = sorted(set(id_of) - set(self.class_names))
+            missing = [name for name in self.class_names if name not in id_of]
+            if extra or missing:
+                raise DatasetError(
+                    f"{where}: categories differ from the run's classes {self.class_names} "
+                    f"(the training set's, or data.class_names): not in the run: {extra}, "
+                    f"missing: {missing}"
+                )
+            self.cat_ids = [id_of[name] for name in self.class_names]
         label_of = {cat_id: label for label, cat_id in enumerate(self.cat_ids)}
 
         images = _require_list(data, "images", where)
@@ -89,6 +111,8 @@ class CocoDataset(DetectionDataset):
                 "objects": [],
             }
 
+        # False for an unlabelled set (COCO test-dev image info); a training set needs labels.
+        self.labelled = "annotations" in data
         annotations = data.get("annotations", [])
         if not isinstance(annotations, list):
             raise DatasetError(f"{where}: field 'annotations' must be a list")

@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 
 import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageDraw
 
 from hcral.data.base import DetectionDataset, ImageRecord, Transform
@@ -133,10 +135,10 @@ class SyntheticShapes(DetectionDataset):
             self._render(index)
         return self._records[index]
 
-    def load_image(self, index: int) -> Image.Image:
+    def load_image(self, index: int) -> torch.Tensor:
         return self._render(index)[0]
 
-    def _load(self, index: int) -> tuple[Image.Image, ImageRecord]:
+    def _load(self, index: int) -> tuple[torch.Tensor, ImageRecord]:
         return self._render(index)
 
     def write_coco(self, out_dir: str | Path) -> Path:
@@ -152,13 +154,13 @@ class SyntheticShapes(DetectionDataset):
         image_dir.mkdir(parents=True, exist_ok=True)
         for index in range(len(self)):
             image, record = self._render(index)
-            image.save(image_dir / record.file_name)
+            TF.to_pil_image(image).save(image_dir / record.file_name)
         json_path = out_dir / "annotations.json"
         write_json_atomic(json_path, self.coco_gt())
         return json_path
 
     # --- generation ---------------------------------------------------------------------------
-    def _render(self, index: int) -> tuple[Image.Image, ImageRecord]:
+    def _render(self, index: int) -> tuple[torch.Tensor, ImageRecord]:
         if not 0 <= index < self.num_images:
             raise IndexError(f"index {index} out of range for {self.num_images} images")
         rng = np.random.default_rng([self.seed, index])
@@ -189,9 +191,9 @@ class SyntheticShapes(DetectionDataset):
 
         if self.noise_std > 0:
             pixels += rng.normal(0.0, self.noise_std, size=pixels.shape).astype(np.float32)
-        image = Image.fromarray(
-            np.clip(np.rint(pixels), 0, _UINT8_MAX).astype(np.uint8), mode="RGB"
-        )
+        # uint8 (3, H, W), the layout load_image gives for files.
+        pixels = np.clip(np.rint(pixels), 0, _UINT8_MAX).astype(np.uint8)
+        image = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
 
         boxes: list[list[float]] = []
         labels: list[int] = []

@@ -2,8 +2,10 @@
 
 Conventions shared by every transform here and every dataset in :mod:`hcral.data`:
 
-* ``image`` is a PIL image (before :class:`ToTensor`) or a tensor ``(3, H, W)`` (after it); the
-  geometric transforms accept both.
+* ``image`` is a uint8 tensor ``(3, H, W)`` as :func:`hcral.data.base.load_image` returns it
+  (before :class:`ToTensor`) or a float tensor ``(3, H, W)`` (after it); a PIL image is accepted
+  too (inference on an image in memory). The geometric transforms are
+  ``torchvision.transforms.v2.functional`` applied to the image, plus the box bookkeeping.
 * ``target`` is a dict with ``boxes`` float32 ``(M, 4)`` xyxy in continuous pixel coordinates of
   the current image (pixel ``(x, y)`` covers ``[x, x+1) x [y, y+1)``, so a box spanning the whole
   image is ``(0, 0, W, H)``), ``labels`` int64 ``(M,)``, ``ignore_boxes`` float32 ``(K, 4)``,
@@ -23,9 +25,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from hcral.ops.boxes import clip_boxes as ops_clip_boxes
@@ -44,7 +45,6 @@ __all__ = [
     "empty_target",
     "horizontal_flip",
     "image_size",
-    "to_rgb",
 ]
 
 # ImageNet statistics, 0..1 scale (what torchvision/timm ResNet weights were trained with).
@@ -54,44 +54,13 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 Target = dict[str, Any]
 ImageLike = Image.Image | torch.Tensor
 
-# Pillow < 9.1 has the enums on the Image module itself.
-_RESAMPLING = getattr(Image, "Resampling", Image)
-_TRANSPOSE = getattr(Image, "Transpose", Image)
-
-# 16-bit grey images are brought to 8 bits by this divisor (65535 / 255).
-_UINT16_TO_UINT8 = 257.0
-_UINT8_MAX = 255.0
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Return ``image`` as an 8-bit RGB PIL image.
-
-    Grey ('L', '1'), palette ('P', 'PA'), 'LA', 'RGBA', 'CMYK', 'YCbCr' become RGB through PIL;
-    an alpha channel is dropped (the colour stored under transparent pixels is kept), as OpenCV's
-    ``imread(IMREAD_COLOR)`` does for MMDetection. 16-bit grey ('I;16*', 'I') is divided by 257 and
-    float grey ('F') is read as 0..1.
-    """
-    if image.mode == "RGB":
-        return image
-    if image.mode.startswith("I"):
-        grey = np.asarray(image, dtype=np.float64) / _UINT16_TO_UINT8
-        image = Image.fromarray(np.clip(np.rint(grey), 0, _UINT8_MAX).astype(np.uint8), mode="L")
-    elif image.mode == "F":
-        grey = np.asarray(image, dtype=np.float64) * _UINT8_MAX
-        image = Image.fromarray(np.clip(np.rint(grey), 0, _UINT8_MAX).astype(np.uint8), mode="L")
-    elif image.mode in ("P", "PA"):
-        # Through RGBA so palette transparency is handled without PIL's warning.
-        image = image.convert("RGBA")
-    return image.convert("RGB")
-
 
 def image_size(image: ImageLike) -> tuple[int, int]:
     """``(height, width)`` of a PIL image or of a ``(..., H, W)`` tensor."""
-    if isinstance(image, Image.Image):
-        return image.height, image.width
-    if isinstance(image, torch.Tensor):
-        return int(image.shape[-2]), int(image.shape[-1])
-    raise TypeError(f"expected a PIL image or a torch.Tensor, got {type(image).__name__}")
+    if not isinstance(image, (Image.Image, torch.Tensor)):
+        raise TypeError(f"expected a PIL image or a torch.Tensor, got {type(image).__name__}")
+    height, width = TF.get_size(image)
+    return height, width
 
 
 def empty_target(height: int, width: int, *, image_id: int = 0, file_name: str = "") -> Target:
@@ -160,7 +129,8 @@ class ResizeKeepRatio:
     downscaled. Boxes are multiplied by ``scale`` in both axes (MMDetection uses the per-axis
     ratio of the rounded sizes instead, which differs by under half a pixel) so that dividing by
     ``target["scale_factor"]`` maps predictions back to original pixels exactly; they are then
-    clipped to the new image. Bilinear interpolation (antialiased when shrinking).
+    clipped to the new image. Bilinear interpolation, antialiased when shrinking
+    (``torchvision.transforms.v2.functional.resize``).
 
     Args:
         short_side: target length of the shorter image side, pixels.
@@ -189,7 +159,9 @@ class ResizeKeepRatio:
         # aspect ratios.
         new_h = max(1, int(height * scale + 0.5))
         new_w = max(1, int(width * scale + 0.5))
-        image = _resize(image, new_h, new_w)
+        # torchvision's bilinear with antialiasing when shrinking: PIL's filter for PIL images,
+        # its uint8 port of it for uint8 tensors.
+        image = TF.resize(image, [new_h, new_w], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
         if target is None:
             return image, None
         target = dict(target)
@@ -201,25 +173,6 @@ class ResizeKeepRatio:
 
     def __repr__(self) -> str:
         return f"ResizeKeepRatio(short_side={self.short_side}, max_side={self.max_side})"
-
-
-def _resize(image: ImageLike, new_h: int, new_w: int) -> ImageLike:
-    if isinstance(image, Image.Image):
-        if (image.height, image.width) == (new_h, new_w):
-            return image
-        # PIL's bilinear filter widens its support when shrinking (antialiasing).
-        return image.resize((new_w, new_h), resample=_RESAMPLING.BILINEAR)
-    if tuple(image.shape[-2:]) == (new_h, new_w):
-        return image
-    dtype = image.dtype
-    batch = image.unsqueeze(0).to(torch.float32)  # (1, C, H, W)
-    shrinking = new_h < image.shape[-2] or new_w < image.shape[-1]
-    out = F.interpolate(
-        batch, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=shrinking
-    )[0]
-    if dtype.is_floating_point:
-        return out.to(dtype)
-    return out.round().clamp(0, _UINT8_MAX).to(dtype)
 
 
 class RandomHorizontalFlip:
@@ -253,10 +206,7 @@ class RandomHorizontalFlip:
 def horizontal_flip(image: ImageLike, target: Target | None) -> tuple[Any, Target | None]:
     """Left-right mirror of ``image`` and ``target`` (see :class:`RandomHorizontalFlip`)."""
     _, width = image_size(image)
-    if isinstance(image, Image.Image):
-        image = image.transpose(_TRANSPOSE.FLIP_LEFT_RIGHT)
-    else:
-        image = torch.flip(image, dims=[-1])
+    image = TF.horizontal_flip(image)
     if target is None:
         return image, None
     target = dict(target)
@@ -270,28 +220,25 @@ def horizontal_flip(image: ImageLike, target: Target | None) -> tuple[Any, Targe
 
 
 class ToTensor:
-    """PIL image (any mode, made RGB by :func:`to_rgb`) or tensor -> float32 ``(3, H, W)`` in 0..1.
+    """Image -> float32 ``(3, H, W)`` in 0..1.
 
     A uint8 tensor is divided by 255; a float tensor is kept as is. Tensors with 1 channel are
-    repeated to 3, 2 channels (grey + alpha) use the grey one, 4 channels drop the alpha one.
+    repeated to 3, 2 channels (grey + alpha) use the grey one, 4 channels drop the alpha one. A PIL
+    image goes through PIL's ``convert("RGB")`` (which clips 16-bit grey at 255: read files with
+    :func:`hcral.data.base.load_image`, which scales them).
     """
 
     def __call__(
         self, image: ImageLike, target: Target | None = None
     ) -> tuple[torch.Tensor, Target | None]:
         if isinstance(image, Image.Image):
-            array = np.asarray(to_rgb(image), dtype=np.uint8)  # (H, W, 3)
-            tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).to(torch.float32) / _UINT8_MAX
-            return tensor.contiguous(), target
+            image = TF.pil_to_tensor(image.convert("RGB"))
         if not isinstance(image, torch.Tensor):
             raise TypeError(f"ToTensor expects a PIL image or a tensor, got {type(image).__name__}")
         tensor = image.unsqueeze(0) if image.dim() == 2 else image
         if tensor.dim() != 3:
             raise ValueError(f"expected an image tensor (C, H, W), got shape {tuple(image.shape)}")
-        if tensor.dtype == torch.uint8:
-            tensor = tensor.to(torch.float32) / _UINT8_MAX
-        else:
-            tensor = tensor.to(torch.float32)
+        tensor = TF.to_dtype(tensor, torch.float32, scale=True)
         channels = tensor.shape[0]
         if channels in (1, 2):
             tensor = tensor[:1].expand(3, -1, -1)

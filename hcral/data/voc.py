@@ -6,9 +6,8 @@ import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
 
-from PIL import Image
-
-from hcral.data.base import DetectionDataset, ImageRecord, Transform
+from hcral.data.base import DetectionDataset, ImageRecord, Transform, read_image_size
+from hcral.data.check import IMAGE_SUFFIXES, raise_if_problems, validate_class_names
 from hcral.data.errors import DatasetError
 
 __all__ = ["VOCDataset"]
@@ -17,8 +16,6 @@ __all__ = ["VOCDataset"]
 _FLAT_LAYOUT = ("images", "annotations")
 _VOCDEVKIT_LAYOUT = ("JPEGImages", "Annotations")
 _VOCDEVKIT_SPLIT_DIR = ("ImageSets", "Main")
-# A split line without one of these suffixes is a stem (VOCdevkit style).
-_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 _DEFAULT_SUFFIX = ".jpg"
 _BOX_FIELDS = ("xmin", "ymin", "xmax", "ymax")
 
@@ -40,7 +37,9 @@ class VOCDataset(DetectionDataset):
     Coordinates: VOC writes 1-based, inclusive pixel corners (a box covering pixels 1..W has
     ``xmin = 1, xmax = W``). They become continuous 0-based coordinates
     ``(xmin - 1, ymin - 1, xmax, ymax)``, so the box covers exactly those pixels and a full-image
-    box is ``(0, 0, W, H)``. Boxes are clipped to the image; empty ones are dropped.
+    box is ``(0, 0, W, H)``. Boxes are clipped to the image; empty ones are dropped. They are in
+    the pixels of the image as shown, i.e. after its EXIF orientation; a missing or zero
+    ``<size>`` is read from the image header in that frame.
 
     Objects with ``<difficult>1</difficult>`` go to ``ignore_boxes`` (``iscrowd = 1`` in
     :meth:`coco_gt`). Images without objects are kept (negatives). Image ids are the 1-based
@@ -52,8 +51,11 @@ class VOCDataset(DetectionDataset):
     Args:
         root: dataset folder.
         split: split name (``root/<split>.txt``) or path to a split file.
-        class_names: the classes, label ``i`` = ``class_names[i]``; ``None`` = sorted names found in
-            this split (pass the training split's names when building a validation set).
+        class_names: the classes, label ``i`` = ``class_names[i]``; an object of another class is
+            an error naming its file and index. ``None`` = the sorted names found in this split,
+            so a misspelt name (``racoon``) silently becomes a class of its own: give the list
+            (``data.class_names``) to catch it. Pass the training split's list when building any
+            other split: a split's own list would number the classes differently.
         transforms: ``(image, target) -> (image, target)``; ``None`` = ``ToTensor()`` only.
     """
 
@@ -75,25 +77,25 @@ class VOCDataset(DetectionDataset):
         parsed = [self._parse_xml(entry) for entry in self._read_split(split_file)]
         if class_names is None:
             class_names = sorted({name for item in parsed for name, *_ in item["objects"]})
-        self.class_names = list(class_names)
-        if len(set(self.class_names)) != len(self.class_names) or any(
-            not isinstance(name, str) or not name for name in self.class_names
-        ):
-            raise ValueError(
-                f"class_names must be distinct non-empty strings, got {self.class_names}"
-            )
+        self.class_names = validate_class_names(class_names, f"{split_file}: class_names")
         self.cat_ids = list(range(1, len(self.class_names) + 1))
         label_of = {name: label for label, name in enumerate(self.class_names)}
+        # Every object of an unknown class at once: a misspelt name is usually in several files.
+        raise_if_problems(
+            [
+                f"{item['ann_path']}: object {index}: unknown class {name!r}; "
+                f"valid classes: {self.class_names}"
+                for item in parsed
+                for index, (name, _, _) in enumerate(item["objects"])
+                if name not in label_of
+            ],
+            what=f"classes of {split_file}",
+        )
 
         self.records: list[ImageRecord] = []
         for image_id, item in enumerate(parsed, start=1):
             boxes, labels, ignore_boxes, ignore_labels = [], [], [], []
-            for index, (name, box, difficult) in enumerate(item["objects"]):
-                if name not in label_of:
-                    raise DatasetError(
-                        f"{item['ann_path']}: object {index}: unknown class {name!r}; "
-                        f"valid classes: {self.class_names}"
-                    )
+            for name, box, difficult in item["objects"]:
                 (ignore_boxes if difficult else boxes).append(box)
                 (ignore_labels if difficult else labels).append(label_of[name])
             self.records.append(
@@ -160,7 +162,7 @@ class VOCDataset(DetectionDataset):
         return entries
 
     def _parse_xml(self, entry: str) -> dict:
-        has_suffix = Path(entry).suffix.lower() in _IMAGE_SUFFIXES
+        has_suffix = Path(entry).suffix.lower() in IMAGE_SUFFIXES  # else a stem (VOCdevkit style)
         stem = Path(entry).stem if has_suffix else entry
         ann_path = self.ann_dir / f"{stem}.xml"
         if not ann_path.is_file():
@@ -183,8 +185,9 @@ class VOCDataset(DetectionDataset):
         width = _optional_int(root, "size/width", ann_path)
         height = _optional_int(root, "size/height", ann_path)
         if not width or not height:
-            # Some tools write 0 or no <size>; the image header is cheap to read.
-            width, height = _header_size(image_path)
+            # Some tools write 0 or no <size>; the image header is cheap to read. Its size is the
+            # image as shown (after EXIF orientation), the frame the boxes are taken to be in.
+            height, width = read_image_size(image_path)
 
         objects = []
         for index, obj in enumerate(root.findall("object")):
@@ -238,12 +241,3 @@ def _optional_int(
         raise DatasetError(
             f"{ann_path}: {where}field {field!r} is not a number: {text.strip()!r}"
         ) from None
-
-
-def _header_size(image_path: Path) -> tuple[int, int]:
-    """``(width, height)`` from the image header, without decoding pixels."""
-    try:
-        with Image.open(image_path) as image:
-            return image.width, image.height
-    except (OSError, ValueError, SyntaxError) as error:
-        raise DatasetError(f"{image_path}: cannot read image: {error}") from error

@@ -333,7 +333,7 @@ def _train_in_process(run: PlannedRun, threads: int, *, evaluate: bool) -> str |
     torch.set_num_threads(threads)
     try:
         if evaluate:
-            evaluate_checkpoint(cfg, run.run_dir / "checkpoint.pt")
+            evaluate_checkpoint(cfg, run.run_dir / "checkpoint.pt", run.run_dir)
         else:
             train(cfg, resume=True, progress=False)
     except Exception as e:  # recorded with the run, never dropped
@@ -347,7 +347,8 @@ def _train_in_process(run: PlannedRun, threads: int, *, evaluate: bool) -> str |
 def _train_subprocess(run: PlannedRun, threads: int, *, evaluate: bool) -> str | None:
     config = str(run.run_dir / RUN_CONFIG)
     if evaluate:
-        cmd = [sys.executable, "-m", "hcral", "eval", config, "--checkpoint", str(run.run_dir / "checkpoint.pt")]
+        cmd = [sys.executable, "-m", "hcral", "eval", config, "--checkpoint", str(run.run_dir / "checkpoint.pt"),
+               "--out", str(run.run_dir)]  # fmt: skip
     else:
         cmd = [sys.executable, "-m", "hcral", "train", config, "--resume", "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}

@@ -124,13 +124,14 @@ def load_run(run_dir: str | Path, *, device: str = "cpu"):
     """(config, model in eval mode, validation dataset) of a run folder (config.yaml + checkpoint.pt)."""
     from hcral.config import load_config
     from hcral.models.build import build_model
-    from hcral.runner import CHECKPOINT, build_dataset, load_model_weights
+    from hcral.runner import CHECKPOINT, build_dataset, load_checkpoint, load_model_weights
 
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml", [f"train.device={device}"])
-    dataset = build_dataset(cfg, train=False)
+    ckpt = load_checkpoint(run_dir / CHECKPOINT)
+    dataset = build_dataset(cfg, train=False, class_names=ckpt.get("class_names"))
     model = build_model(cfg, dataset.num_classes)
-    load_model_weights(model, run_dir / CHECKPOINT)
+    load_model_weights(model, run_dir / CHECKPOINT, ckpt)
     return cfg, model.eval(), dataset
 
 
@@ -215,7 +216,7 @@ def prior_data(run_dir: str | Path, *, image_index: int = 0) -> dict[str, Any]:
     atss = atss_assign(layout.assign_boxes, layout.num_level_priors, t["boxes"], t["labels"], topk=c.atss_topk)
     scale = float(t["scale_factor"])
     return {
-        "image": dataset.load_image(image_index),
+        "image": dataset.load_image(image_index).permute(1, 2, 0),  # (H, W, 3) for imshow
         "scale": scale,
         "centers": box_centers(layout.assign_boxes) / scale,  # (N, 2) original pixels
         "pred_boxes": box / scale,

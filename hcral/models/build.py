@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from hcral.config import Config
-from hcral.models.backbones import ResNet, SmallBackbone
+from torch import nn
+
+from hcral.config import TIMM_BACKBONE_PREFIX, Config, ModelConfig, validate
+from hcral.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from hcral.models.backbones import ResNet, SmallBackbone, TimmBackbone
 from hcral.models.detector import Detector
 from hcral.models.fpn import FPN
 from hcral.models.heads.atss import ATSSHead
@@ -13,25 +16,46 @@ from hcral.models.heads.retinanet import RetinaNetHead
 
 RESNET_DEPTHS = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101}
 HEADS: dict[str, type[DenseHead]] = {"retinanet": RetinaNetHead, "atss": ATSSHead, "fcos_atss": FCOSATSSHead}
-# Which assigners each head can use (RetinaNet is the max-IoU detector; the others sample with ATSS).
-HEAD_ASSIGNERS = {"retinanet": ("max_iou",), "atss": ("atss", "eatss"), "fcos_atss": ("atss", "eatss")}
+
+
+def build_backbone(m: ModelConfig) -> nn.Module:
+    """The backbone of ``m.backbone`` with its weights (``m.pretrained``), returning C3, C4, C5.
+
+    ``norm_eval=True`` gives frozen BatchNorms (detectron2's fine-tuning default), ``False`` trainable
+    ``BatchNorm2d`` in train mode (outside the frozen stages).
+    """
+    if any(m.stage_with_dcn) and m.backbone not in ("resnet50", "resnet101"):
+        raise ValueError(f"model.stage_with_dcn={m.stage_with_dcn} needs backbone resnet50 or resnet101, not {m.backbone!r}")
+    if m.backbone == "small":
+        if m.pretrained:
+            raise ValueError(f"model.pretrained={m.pretrained!r} needs a ResNet or timm backbone; 'small' has no ImageNet weights")
+        return SmallBackbone()
+    norm = "frozen_bn" if m.norm_eval else "bn"
+    if m.backbone.startswith(TIMM_BACKBONE_PREFIX):
+        return TimmBackbone(
+            m.backbone[len(TIMM_BACKBONE_PREFIX) :],
+            frozen_stages=m.frozen_stages,
+            norm=norm,
+            norm_eval=m.norm_eval,
+            weights=m.pretrained,
+            # The weights' own normalisation is applied inside the backbone, from the pipeline's.
+            input_mean=IMAGENET_MEAN,
+            input_std=IMAGENET_STD,
+        )
+    return ResNet(
+        RESNET_DEPTHS[m.backbone],
+        frozen_stages=m.frozen_stages,
+        norm=norm,
+        norm_eval=m.norm_eval,
+        stage_with_dcn=m.stage_with_dcn,
+        weights=m.pretrained,
+    )
 
 
 def build_model(cfg: Config, num_classes: int) -> Detector:
+    validate(cfg)  # e.g. an assigner that does not fit the detector, for configs built in Python
     m = cfg.model
-    if cfg.loss.assigner not in HEAD_ASSIGNERS[m.detector]:
-        raise ValueError(
-            f"loss.assigner={cfg.loss.assigner!r} does not fit model.detector={m.detector!r}; "
-            f"valid: {', '.join(HEAD_ASSIGNERS[m.detector])}"
-        )
-    if m.backbone == "small":
-        if m.pretrained:
-            raise ValueError("model.pretrained needs a ResNet backbone (resnet18/34/50/101); 'small' has no ImageNet weights")
-        backbone = SmallBackbone()
-    else:
-        backbone = ResNet(
-            RESNET_DEPTHS[m.backbone], frozen_stages=m.frozen_stages, norm_eval=m.norm_eval, weights=m.pretrained
-        )
+    backbone = build_backbone(m)
     # RetinaNet builds P6 from C5 ("on_input"); ATSS and FCOS from P5 ("on_output"), FCOS with a
     # ReLU before P7's conv, as in the detectors' reference configs.
     neck = FPN(

@@ -1,4 +1,4 @@
-"""Box operations and NMS in plain PyTorch."""
+"""Box operations (hand-written, see hcral.ops.boxes) and NMS (torchvision's, see hcral.ops.nms)."""
 
 from hcral.ops.boxes import (
     AlignedBoxTerms,

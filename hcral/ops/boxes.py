@@ -1,5 +1,28 @@
 """Box operations in plain PyTorch.
 
+Why hand-written and not ``torchvision.ops`` (0.29). torchvision offers pairwise ``(N, M)``
+``box_iou``, ``generalized_box_iou``, ``distance_box_iou``, ``complete_box_iou`` and aligned
+(elementwise) ``generalized_box_iou_loss``, ``distance_box_iou_loss``, ``complete_box_iou_loss``.
+The losses here need what those lack:
+
+- the separate terms of one pass (IoU, union, enclosing box, ρ², c², widths, see
+  :class:`AlignedBoxTerms`): HCRA-R differentiates ``1 - GIoU`` and reads the detached IoU and
+  ``ρ²/c²`` of the same pass for its weights; torchvision's losses return only the final loss;
+- EIoU / Focal-EIoU: torchvision has no EIoU;
+- the guards: torchvision divides by ``union + eps`` (so the IoU of two identical 1 px boxes is
+  ``1 / (1 + eps)``, not 1), does not clamp the width and height of inverted predicted boxes (a
+  negative width times a negative height gives a positive area), and its CIoU's ``atan(w / h)``
+  divides by a zero height unguarded (NaN for a zero-size predicted box); here widths are clamped
+  at 0 and every quotient is guarded by ``eps``;
+- torchvision's aligned intersection is a boolean-mask scatter (dynamic shape, a device sync
+  under CUDA); here it is ``clamp(min=0)`` arithmetic.
+
+Pairwise :func:`box_iou` (assigners, evaluation, NMS references) stays too, although for boxes of
+positive area it is bit-identical to torchvision's ``box_iou``: torchvision's gives ``0 / 0 = NaN``
+for two zero-area boxes, subtracts fp16 corners before upcasting (``2047 - 0.5`` rounds to 2046),
+and on CPU it is about 1.5x slower (20000 x 30 boxes, one thread: 12.7 ms vs 8.3 ms) because it
+builds ``(N, M, 2)`` temporaries.
+
 All boxes are ``(x1, y1, x2, y2)`` in pixels ("xyxy") unless a name says otherwise. Every IoU-type
 function computes in float32 at least: fp16/bf16 inputs are upcast (areas of large boxes overflow
 fp16, and bf16 keeps only 8 bits of mantissa), float64 stays float64 (for gradcheck). Every quotient
