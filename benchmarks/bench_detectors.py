@@ -6,9 +6,10 @@ in ``configs/`` (baseline losses FL + GIoU, and HCRAL's HCRA-C + HCRA-R, with EA
 ``hcral.models.build.build_model``. torchvision's come from its builders with ``weights=None,
 weights_backbone=None``, then get what those builders do when given ImageNet weights (the setting
 torchvision trains its detectors in): every backbone BatchNorm becomes a ``FrozenBatchNorm2d`` and only
-``layer2..layer4`` train (``trainable_backbone_layers=3``). hcral's configs freeze the same (stem and
-``layer1``: ``frozen_stages=1``; frozen BN is hcral's ResNet default, so ``norm_eval`` has nothing to
-do). Both: P3-P7 with 256 channels, heads of 4 convs x 256 channels (GroupNorm in FCOS's, none in
+``layer2..layer4`` train (``trainable_backbone_layers=3``). hcral's configs freeze the same: stem and
+``layer1`` (``frozen_stages: 1``), and ``norm_eval: true`` (the default) makes every BatchNorm frozen.
+hcral's ResNet is torchvision's, so with the same seed both backbones start from the same weights.
+Both: P3-P7 with 256 channels, heads of 4 convs x 256 channels (GroupNorm in FCOS's, none in
 RetinaNet's), 80 classes, 9 anchors a location for RetinaNet. torchvision's RetinaNet regresses with
 GIoU (``regression_head._loss_type = "giou"``, as its v2 builder sets) to match hcral's baseline.
 Differences left as each library defines its detector (``docs/performance.md`` lists them):
@@ -23,9 +24,10 @@ loss, backward and an SGD step (lr 0.001, momentum 0.9, weight decay 1e-4; no gr
 
 Inference (``eval()``, ``torch.no_grad()``, post-processing included) in two regimes:
 
-- ``default``: each library's own test settings on the freshly initialised models; the classifier's
-  prior bias (p = 0.01) keeps every score under the thresholds, so no pair reaches NMS on either side:
-  this is the network plus an empty post-processing;
+- ``empty``: score threshold 1 on both sides (a sigmoid is below 1 and the test is strict), so no
+  pair reaches NMS: the network plus an empty post-processing. (The thresholds of the fresh models do
+  not guarantee that: hcral's RetinaNet, with P6 built from C5, scores some pairs above 0.05 at init,
+  and torchvision's FCOS scores sqrt(cls x centerness) ~ sqrt(0.01 x 0.5) = 0.07.)
 - ``full``: the same test settings on both sides (score > 0.05, top 1000 pairs per level, NMS IoU 0.6,
   100 detections per image) and the classifiers' bias set to 0 on both, so every level sends its
   1,000 best pairs to NMS: post-processing under its heaviest load, as on a busy image.
@@ -48,7 +50,7 @@ and the high-water mark sees the step's own peak, not memory a previous step lef
 On CUDA (``--device cuda``): ``torch.cuda.max_memory_allocated`` over the step, minus the memory
 allocated before it.
 
-    python -m benchmarks.bench_detectors            # ~6 min on a loaded 2-core CPU
+    python -m benchmarks.bench_detectors            # ~8 min on a loaded 2-core CPU
     python -m benchmarks.bench_detectors --quick    # 256 px, one round: a smoke run
     python -m benchmarks.bench_detectors --profile  # + torch.profiler tables of one step of each
 """
@@ -88,8 +90,17 @@ GT_SIDES = (16.0, 384.0)  # log-uniform box sides in pixels
 LR, MOMENTUM, WEIGHT_DECAY = 0.001, 0.9, 1e-4
 # torchvision's builders with ImageNet weights train layer2..layer4 of the backbone.
 TV_TRAINABLE_LAYERS = ("layer2", "layer3", "layer4")
-# The "full" inference regime's test settings, on both sides.
-FULL_TEST = {"score_thr": 0.05, "nms_pre": 1000, "nms_iou": 0.6, "max_per_img": 100}
+# Test settings of the inference regimes (module docstring), on both sides, in hcral's EvalConfig
+# names; in "empty" the settings other than the threshold play no part. In "full" the classifiers'
+# bias is also set to 0.
+REGIMES = {
+    "empty": {"score_thr": 1.0},
+    "full": {"score_thr": 0.05, "nms_pre": 1000, "nms_iou": 0.6, "max_per_img": 100},
+}
+TV_TEST_NAMES = {
+    "score_thr": "score_thresh", "nms_pre": "topk_candidates",
+    "nms_iou": "nms_thresh", "max_per_img": "detections_per_img",
+}  # fmt: skip
 MALLOC_MMAP_THRESHOLD = 64 * 1024
 
 DETECTORS = {
@@ -116,7 +127,6 @@ LOSSES = {
     ("retinanet", "hcral_baseline"): "FL+GIoU",
     ("retinanet", "hcral_hcral"): "HCRA-C+HCRA-R",
 }
-REGIMES = ("default", "full")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,9 +149,9 @@ def make_batch(size: int, device: torch.device, seed: int = SEED) -> tuple[torch
     return images.to(device), targets
 
 
-def hcral_detector(detector: str, contender: str, regime: str = "default") -> nn.Module:
-    """An hcral detector from its COCO config, with the "full" regime's test settings if asked."""
-    overrides = [f"eval.{k}={v}" for k, v in FULL_TEST.items()] if regime == "full" else []
+def hcral_detector(detector: str, contender: str, regime: str | None = None) -> nn.Module:
+    """An hcral detector from its COCO config, with an inference regime's test settings if given."""
+    overrides = [f"eval.{k}={v}" for k, v in REGIMES[regime].items()] if regime else []
     cfg = load_config(ROOT / DETECTORS[detector]["configs"][contender], overrides)
     return build_model(cfg, NUM_CLASSES)
 
@@ -162,15 +172,10 @@ def freeze_like_pretrained(body: nn.Module) -> None:
         param.requires_grad_(name.startswith(TV_TRAINABLE_LAYERS))
 
 
-def torchvision_detector(detector: str, size: int, regime: str = "default", *, as_built: bool = False) -> nn.Module:
+def torchvision_detector(detector: str, size: int, regime: str | None = None, *, as_built: bool = False) -> nn.Module:
     """torchvision's detector, frozen as its builders freeze it with weights unless ``as_built``
     (then: as ``weights=None`` builds it, every BatchNorm trained and every layer trainable)."""
-    test = {}
-    if regime == "full":
-        test = {
-            "score_thresh": FULL_TEST["score_thr"], "topk_candidates": FULL_TEST["nms_pre"],
-            "nms_thresh": FULL_TEST["nms_iou"], "detections_per_img": FULL_TEST["max_per_img"],
-        }  # fmt: skip
+    test = {TV_TEST_NAMES[k]: v for k, v in REGIMES[regime].items()} if regime else {}
     model = DETECTORS[detector]["torchvision"](
         weights=None, weights_backbone=None, num_classes=NUM_CLASSES,
         min_size=size, max_size=size, image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0], **test,
@@ -182,7 +187,10 @@ def torchvision_detector(detector: str, size: int, regime: str = "default", *, a
     return model
 
 
-def build(detector: str, contender: str, size: int, regime: str = "default", *, tv_as_built: bool = False) -> nn.Module:
+def build(
+    detector: str, contender: str, size: int, regime: str | None = None, *, tv_as_built: bool = False
+) -> nn.Module:
+    """A contender's detector; ``regime`` names the inference regime (None: for training)."""
     torch.manual_seed(SEED)
     if contender == "torchvision":
         model = torchvision_detector(detector, size, regime, as_built=tv_as_built)
@@ -250,7 +258,7 @@ def _memory_child(detector: str, contender: str, mode: str, size: int, args: arg
     """Runs in the subprocess: build, one warm-up call, reset the high-water mark, one measured call."""
     device = torch.device(args.device)
     batch = make_batch(size, device)
-    regime = "full" if mode == "inference" else "default"
+    regime = "full" if mode == "inference" else None
     model = build(detector, contender, size, regime, tv_as_built=args.torchvision_as_built).to(device)
     fn = train_step(model, contender, batch) if mode == "train" else inference(model, contender, batch[0])
     fn()
@@ -274,8 +282,12 @@ def _memory_child(detector: str, contender: str, mode: str, size: int, args: arg
         except OSError:
             method = "getrusage ru_maxrss (peak of the whole process, an upper bound)"
         fn()
-        peak = _status_kib("VmHWM") if method.startswith("VmHWM") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        result = {"extra_peak_mib": (peak - rss_before) / 1024, "resident_before_mib": rss_before / 1024, "method": method}
+        if method.startswith("VmHWM"):
+            peak = _status_kib("VmHWM")
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        result = {"extra_peak_mib": (peak - rss_before) / 1024, "resident_before_mib": rss_before / 1024}
+        result["method"] = method
     print(json.dumps(result))
 
 
@@ -391,7 +403,8 @@ def run(args: argparse.Namespace) -> dict:
     for d, r in results.items():
         title = DETECTORS[d]["title"]
         for c in DETECTORS[d]["configs"]:
-            row, ratios[f"{d} train {c}"] = ratio_row(f"{title} train step, hcral {LOSSES[(d, c)]}", r["train"], c, "torchvision")
+            label = f"{title} train step, hcral {LOSSES[(d, c)]}"
+            row, ratios[f"{d} train {c}"] = ratio_row(label, r["train"], c, "torchvision")
             rows.append(row)
         for regime in REGIMES:
             group = r["inference"][regime]
@@ -399,7 +412,8 @@ def run(args: argparse.Namespace) -> dict:
             label = f"{title} inference, {regime} ({ips[0]:.2f} vs {ips[1]:.2f} images/s)"
             row, ratios[f"{d} inference {regime}"] = ratio_row(label, group, "hcral_baseline", "torchvision")
             rows.append(row)
-    row, ratios["backbone forward"] = ratio_row("ResNet-50 C3-C5 forward alone, no grad", backbone, "hcral", "torchvision")
+    label = "ResNet-50 C3-C5 forward alone, no grad"
+    row, ratios["backbone forward"] = ratio_row(label, backbone, "hcral", "torchvision")
     rows.append(row)
     print_table(
         f"hcral vs torchvision, ResNet-50 FPN, batch {BATCH_SIZE} x {size} px, {torch.get_num_threads()} thread(s), "
@@ -419,7 +433,8 @@ def run(args: argparse.Namespace) -> dict:
                 for c in contenders[:-1]:
                     mine = memory[f"{d} {mode}"][c]["extra_peak_mib"]
                     label = LOSSES[(d, c)] if mode == "train" else "full regime"
-                    mem_rows.append([f"{DETECTORS[d]['title']}, {mode}, {label}", f"{mine:.0f}", f"{tv:.0f}", f"{mine / tv:.2f}"])
+                    row = [f"{DETECTORS[d]['title']}, {mode}, {label}", f"{mine:.0f}", f"{tv:.0f}", f"{mine / tv:.2f}"]
+                    mem_rows.append(row)
         print_table(
             "peak memory of one step / one inference call (extra MiB over the built model; fresh process each)",
             ["row", "hcral", "torchvision", "hcral / tv"],
@@ -432,7 +447,7 @@ def run(args: argparse.Namespace) -> dict:
         "setting": {
             "num_classes": NUM_CLASSES, "batch_size": BATCH_SIZE, "image_size": size, "gts_per_image": GTS_PER_IMAGE,
             "gt_sides_px": GT_SIDES, "sgd": {"lr": LR, "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY},
-            "full_regime_test": FULL_TEST, "device": args.device, "torchvision_as_built": args.torchvision_as_built,
+            "inference_regimes": REGIMES, "device": args.device, "torchvision_as_built": args.torchvision_as_built,
         },  # fmt: skip
         "repeats": {"train": args.repeats, "inference": args.inference_repeats, "warmup": args.warmup},
         "results": results,
@@ -451,8 +466,10 @@ def run(args: argparse.Namespace) -> dict:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
-    p.add_argument("--inference-repeats", type=int, default=None, help="timed inference rounds (default 7; quick 1)")
-    p.add_argument("--image-size", type=int, default=None, help=f"square input side (default {IMAGE_SIZE}; quick {QUICK_IMAGE_SIZE})")
+    p.add_argument("--inference-repeats", type=int, default=None, help="timed inference rounds (default 5; quick 1)")
+    p.add_argument(
+        "--image-size", type=int, default=None, help=f"square input side (default {IMAGE_SIZE}; quick {QUICK_IMAGE_SIZE})"
+    )
     p.add_argument("--detectors", nargs="+", choices=sorted(DETECTORS), default=list(DETECTORS))
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
