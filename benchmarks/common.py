@@ -102,8 +102,14 @@ def interleaved(
     repeats: int,
     warmup: int = 1,
     device: torch.device | None = None,
+    cpu_times: dict[str, list[float]] | None = None,
 ) -> dict[str, list[float]]:
-    """Per-round seconds of each contender; rounds run every contender once, in a rotating order."""
+    """Per-round seconds of each contender; rounds run every contender once, in a rotating order.
+
+    ``cpu_times``, if given, also receives each call's CPU seconds of this process
+    (``time.process_time``): on one thread, the wall time less the time spent waiting for a core
+    that another process held.
+    """
     names = list(contenders)
     for _ in range(warmup):
         for name in names:
@@ -113,7 +119,10 @@ def interleaved(
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             gc.collect()
+            cpu_start = time.process_time()
             times[name].append(time_once(contenders[name], device))
+            if cpu_times is not None:
+                cpu_times.setdefault(name, []).append(time.process_time() - cpu_start)
     return times
 
 

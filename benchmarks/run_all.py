@@ -1,7 +1,7 @@
-"""Run every benchmark of issue 6, each in its own process, and write their JSON to benchmarks/results/.
+"""Run every benchmark of issues 6 and 10, each in its own process, and write their JSON to benchmarks/results/.
 
-    python -m benchmarks.run_all                 # the documented full run (about 12 min on 2 cores)
-    python -m benchmarks.run_all --quick         # smoke run, about 2 min
+    python -m benchmarks.run_all                 # the documented full run (about 18 min on 2 cores)
+    python -m benchmarks.run_all --quick         # smoke run, about 4 min
     python -m benchmarks.run_all --only cls_loss assign
 
 Threads: 1 by default (``--threads``). On this shared 2-core machine a second OpenMP thread that
@@ -28,6 +28,7 @@ BENCHMARKS = {
     "train_step": "benchmarks.bench_train_step",
     "scaling": "benchmarks.bench_scaling",
     "before_after": "benchmarks.bench_before_after",
+    "detectors": "benchmarks.bench_detectors",
 }
 
 

@@ -266,3 +266,19 @@ def test_select_detections_matches_per_level_reference():
     torch.testing.assert_close(got[0], cand_b[keep])
     torch.testing.assert_close(got[1], cand_s[keep])
     assert got[2].tolist() == cand_l[keep].tolist()
+
+
+def test_select_detections_nms_pre_cut_inside_a_tie():
+    # 40 disjoint boxes x 3 classes, scores in 5 tied values: nms_pre cuts inside a tie group, where
+    # the narrowing topk must keep every tied pair so that ties still go to the lower (prior, class).
+    n, c, nms_pre = 40, 3, 23
+    x = torch.arange(n, dtype=torch.float32) * 20
+    boxes = torch.stack((x, torch.zeros(n), x + 10, torch.full((n,), 10.0)), 1)
+    gen = torch.Generator().manual_seed(1)
+    scores = torch.randint(1, 6, (n, c), generator=gen).float() / 10
+    flat = scores.reshape(-1)
+    order = torch.sort(flat, descending=True, stable=True).indices
+    assert flat[order[nms_pre - 1]] == flat[order[nms_pre]]  # the cut is inside a tie
+    chosen = order[:nms_pre]
+    got = _as_lists(select_detections([scores], [boxes], nms_pre=nms_pre, max_per_img=n * c))
+    assert got == _as_lists((boxes[chosen // c], flat[chosen], chosen % c))

@@ -243,8 +243,10 @@ class DenseHead(nn.Module):
 
         onehot = torch.zeros_like(cls_logits)
         onehot[pos_b, pos_i, pos_labels] = 1.0
-        soft = torch.zeros_like(cls_logits)
-        soft[pos_b, pos_i, pos_labels] = pos_iou
+        soft = None
+        if self.loss_cfg.cls in ("qfl", "vfl"):  # their IoU-valued targets; a (B, N, C) tensor, so only when used
+            soft = torch.zeros_like(cls_logits)
+            soft[pos_b, pos_i, pos_labels] = pos_iou
         if ious_u is not None:
             # §1: a positive at its class is held to the IoU with its own assigned GT.
             ious_u[pos_b, pos_i, pos_labels] = pos_iou
@@ -268,7 +270,7 @@ class DenseHead(nn.Module):
         return {k: v * weights[k] for k, v in terms.items()}
 
     def _cls_loss(
-        self, logits: Tensor, onehot: Tensor, soft: Tensor, ious_u: Tensor | None, valid: Tensor, num_pos: Tensor
+        self, logits: Tensor, onehot: Tensor, soft: Tensor | None, ious_u: Tensor | None, valid: Tensor, num_pos: Tensor
     ) -> Tensor:
         c = self.loss_cfg
         flat = logits.reshape(-1, self.num_classes)
@@ -277,7 +279,7 @@ class DenseHead(nn.Module):
             return self.cls_loss_module(flat, onehot.reshape(flat.shape), ious_u.reshape(flat.shape), valid_flat)
         if c.cls == "ghmc":
             return self.cls_loss_module(flat, onehot.reshape(flat.shape), valid_flat)
-        weight = valid_flat[:, None].expand_as(flat).float()
+        weight = valid_flat.float()  # (B*N,): one weight per prior, broadcast over classes by the losses
         if c.cls == "focal":
             return L.sigmoid_focal_loss(
                 flat, onehot.reshape(flat.shape), alpha=c.focal_alpha, gamma=c.focal_gamma,
@@ -324,7 +326,7 @@ class DenseHead(nn.Module):
         cls_logits, reg, ctr_logits, sizes = self(feats)
         layout = self.prior_layout(sizes, cls_logits.device)
         boxes = self.decode(layout, reg.float())
-        scores = cls_logits.float().sigmoid()
+        scores = cls_logits.float().sigmoid_()  # in place: the (B, N, C) logits are not needed any more
         ctr = ctr_logits.float().sigmoid() if ctr_logits is not None else None
         t = self.test_cfg
         results = []
