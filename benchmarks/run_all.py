@@ -29,6 +29,7 @@ BENCHMARKS = {
     "scaling": "benchmarks.bench_scaling",
     "before_after": "benchmarks.bench_before_after",
     "detectors": "benchmarks.bench_detectors",
+    "cpu_allocator": "benchmarks.bench_cpu_allocator",
 }
 
 

@@ -54,7 +54,7 @@ EVAL_DIR = "eval"
 # on the number of loader workers, and periodic evaluation does not touch the training state).
 RESUME_FREE = (
     "out_dir", "train.max_iters", "train.device", "train.log_interval", "train.eval_interval",
-    "train.checkpoint_interval", "train.checkpoint_iters", "data.num_workers", "eval.*",
+    "train.checkpoint_interval", "train.checkpoint_iters", "train.keep_freed_memory", "data.num_workers", "eval.*",
 )  # fmt: skip
 # Keys an evaluation or a prediction may set: its output, the detection thresholds and evaluation
 # batch size (eval.*), where it runs, and which data it reads. The rest -- model, classes, input

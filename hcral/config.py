@@ -226,6 +226,9 @@ class TrainConfig:
     # Also write a resumable checkpoint every this many iterations (0: only at epoch ends).
     checkpoint_iters: int = num(0, **NON_NEGATIVE)
     deterministic: bool = True
+    # CPU runs: glibc's malloc keeps freed memory for reuse instead of unmapping every large
+    # tensor (hcral.utils.keep_freed_memory): steps about 1.5x faster, peak memory held to the end.
+    keep_freed_memory: bool = True
 
 
 @dataclass

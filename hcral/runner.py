@@ -43,7 +43,7 @@ from hcral.data.check import check_splits, collect_images, raise_if_problems
 from hcral.engine import evaluate, train_one_epoch
 from hcral.models.build import build_model
 from hcral.models.detector import Detector
-from hcral.utils import add_note, rng_state, seed_everything, set_rng_state, torch_save_atomic, write_json_atomic
+from hcral.utils import add_note, keep_freed_memory, rng_state, seed_everything, set_rng_state, torch_save_atomic, write_json_atomic
 
 # Pad inputs to a multiple of this: the coarsest backbone stride (C5, 32), as MMDetection pads.
 SIZE_DIVISOR = 32
@@ -284,6 +284,8 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True) -> dict[s
     """
     validate(cfg)
     device = resolve_device(cfg.train.device)
+    if device.type == "cpu" and cfg.train.keep_freed_memory:
+        keep_freed_memory()
     D.init_from_env(device)
     main = D.is_main_process()
     out = Path(cfg.out_dir)

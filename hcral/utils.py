@@ -1,9 +1,11 @@
-"""Small helpers shared across the package: atomic writes and seeding."""
+"""Small helpers shared across the package: atomic writes, seeding, the CPU allocator."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import sys
 import random
 import tempfile
 from pathlib import Path
@@ -89,3 +91,27 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+# Allocations up to this size come from malloc's heap, and freed memory up to it stays there.
+KEEP_FREED_BYTES = 1 << 30
+
+
+def keep_freed_memory(threshold: int = KEEP_FREED_BYTES) -> bool:
+    """Let glibc's malloc reuse freed memory instead of returning it to the OS.
+
+    By default glibc serves every large tensor from a fresh ``mmap`` and unmaps it when freed, so
+    each CPU training step page-faults its activations in again: on the Aquarium configs a third of
+    a step was kernel time (docs/results.md, section 8). Raising the mmap and trim thresholds keeps
+    that memory in the heap, so the process holds its peak memory until it exits. Returns whether
+    glibc took the setting (False off Linux or with another C library).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, threshold))
+    except (OSError, AttributeError):  # no glibc (e.g. musl): leave the allocator as it is
+        return False

@@ -296,3 +296,26 @@ def test_aquarium_through_the_config_and_a_short_run(tmp_path: Path) -> None:
     detections = json.loads((tmp_path / "detections.json").read_text())
     assert {d["image_id"] for d in detections} <= set(val_set.image_ids)
     assert {d["category_id"] for d in detections} <= set(val_set.cat_ids)
+
+
+@pytest.mark.parametrize("detector", ["fcos_atss", "atss", "retinanet"])
+def test_aquarium_configs_train_the_pretrained_lite0_end_to_end(tmp_path: Path, detector: str) -> None:
+    """The shipped Aquarium HCRAL configs as users run them (YOLO reader, offline ImageNet Lite0),
+    shortened to two iterations at 128 px: the weights load, the frozen backbone stays as loaded."""
+    repo = Path(__file__).resolve().parents[1]
+    cfg = load_config(
+        repo / "configs" / f"aquarium_{detector}_hcral.yaml",
+        [
+            f"data.root={AQUARIUM / 'data.yaml'}", "data.short_side=128", "data.max_side=171",
+            "data.num_workers=0", "train.max_iters=2", "train.warmup_iters=2", f"out_dir={tmp_path}",
+        ],
+    )
+    assert cfg.data.class_names == AQUARIUM_NAMES and cfg.model.pretrained
+    metrics = train(cfg, progress=False)
+    assert set(metrics) == METRIC_KEYS
+    from hcral.models.build import build_model
+
+    fresh = build_model(cfg, len(AQUARIUM_NAMES)).backbone.state_dict()
+    trained = torch.load(tmp_path / "checkpoint.pt", map_location="cpu", weights_only=False)["model"]
+    for key, value in fresh.items():  # the whole backbone is frozen (frozen_stages 7)
+        assert torch.equal(trained[f"backbone.{key}"], value), key

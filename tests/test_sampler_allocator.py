@@ -1,4 +1,5 @@
-"""The training sampler: aspect-ratio groups, exact mid-epoch restart, sharding over ranks."""
+"""The training sampler (aspect-ratio groups, exact mid-epoch restart, sharding over ranks) and
+the CPU allocator setting."""
 
 from __future__ import annotations
 
@@ -70,3 +71,17 @@ def test_aspect_groups_reads_sizes_without_rendering() -> None:
     assert aspect_groups(portrait) == [1, 1, 1]
     assert aspect_groups(landscape) == [0, 0, 0] and aspect_groups(square) == [0, 0]
     assert not portrait._records  # nothing was rendered
+
+
+def test_keep_freed_memory_is_taken_by_glibc_and_harmless_elsewhere() -> None:
+    import ctypes
+    import sys
+
+    from hcral.utils import keep_freed_memory
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt
+        glibc = sys.platform.startswith("linux")
+    except (OSError, AttributeError):
+        glibc = False
+    assert keep_freed_memory() is glibc
