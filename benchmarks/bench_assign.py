@@ -36,7 +36,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -44,7 +43,9 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks.common import add_common_args, interleaved, median, paired_ratio, print_table, setup_threads, write_json
+from benchmarks.common import (
+    add_common_args, extra_peak_rss, interleaved, median, paired_ratio, print_table, setup_threads, write_json,
+)
 from benchmarks.mmdet_style import mmdet_style_atss, mmdet_style_eatss
 from hcral.assign import atss_assign, atss_assign_batched, eatss_assign, eatss_assign_batched
 
@@ -143,30 +144,11 @@ def calls(s: dict) -> dict[str, Callable[[], object]]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field))
-
-
 def _memory_child(name: str, priors: int, m: int, images: int, threads: int | None) -> None:
     """Runs in the subprocess: build the scene, reset the high-water mark, run ``name`` once."""
     setup_threads(threads)
     fn = calls(scene(priors, m, images, seed=7))[name]
-    rss_before = _status_kib("VmRSS")
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # VmHWM := VmRSS
-        method = "VmHWM after clear_refs"
-    except OSError:
-        method = "getrusage ru_maxrss"
-    start = time.perf_counter()
-    fn()
-    seconds = time.perf_counter() - start
-    if method.startswith("VmHWM"):
-        peak = _status_kib("VmHWM")
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    print(json.dumps({"extra_peak_mib": (peak - rss_before) / 1024, "seconds": seconds, "method": method}))
+    print(json.dumps(extra_peak_rss(fn)))
 
 
 def peak_memory(name: str, priors: int, m: int, images: int = 1, threads: int | None = None) -> dict:

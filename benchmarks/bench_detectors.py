@@ -61,7 +61,6 @@ import argparse
 import gc
 import json
 import os
-import resource
 import subprocess
 import sys
 from collections.abc import Callable
@@ -72,7 +71,9 @@ from torch import nn
 from torchvision.models.detection import fcos_resnet50_fpn, retinanet_resnet50_fpn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from benchmarks.common import add_common_args, interleaved, median, paired_ratio, print_table, setup_threads, write_json
+from benchmarks.common import (
+    add_common_args, extra_peak_rss, interleaved, median, paired_ratio, print_table, profile_calls, setup_threads, write_json,
+)
 from hcral.config import load_config
 from hcral.models.build import build_model
 
@@ -249,11 +250,6 @@ def inference(model: nn.Module, contender: str, images: torch.Tensor) -> Callabl
 # ---------------------------------------------------------------------------------------------
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field))
-
-
 def _memory_child(detector: str, contender: str, mode: str, size: int, args: argparse.Namespace) -> None:
     """Runs in the subprocess: build, one warm-up call, reset the high-water mark, one measured call."""
     device = torch.device(args.device)
@@ -274,20 +270,7 @@ def _memory_child(detector: str, contender: str, mode: str, size: int, args: arg
         extra = torch.cuda.max_memory_allocated(device) - before
         result = {"extra_peak_mib": extra / 2**20, "method": "torch.cuda.max_memory_allocated - allocated before"}
     else:
-        rss_before = _status_kib("VmRSS")
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # VmHWM := VmRSS
-            method = "VmHWM after clear_refs"
-        except OSError:
-            method = "getrusage ru_maxrss (peak of the whole process, an upper bound)"
-        fn()
-        if method.startswith("VmHWM"):
-            peak = _status_kib("VmHWM")
-        else:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-        result = {"extra_peak_mib": (peak - rss_before) / 1024, "resident_before_mib": rss_before / 1024}
-        result["method"] = method
+        result = extra_peak_rss(fn)
     print(json.dumps(result))
 
 
@@ -305,19 +288,6 @@ def peak_memory(detector: str, contender: str, mode: str, size: int, args: argpa
 # ---------------------------------------------------------------------------------------------
 # the benchmark
 # ---------------------------------------------------------------------------------------------
-
-
-def profile_calls(calls: dict[str, Callable[[], object]], rows: int = 25) -> dict[str, str]:
-    from torch.profiler import ProfilerActivity, profile
-
-    tables = {}
-    for name, fn in calls.items():
-        fn()
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            fn()
-        tables[name] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
-        print(f"\n== profile of one call: {name}\n{tables[name]}")
-    return tables
 
 
 def timed(calls: dict[str, Callable[[], object]], repeats: int, args: argparse.Namespace, device: torch.device) -> dict:

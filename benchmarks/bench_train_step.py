@@ -20,7 +20,9 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks.common import add_common_args, interleaved, median, paired_ratio, print_table, setup_threads, write_json
+from benchmarks.common import (
+    add_common_args, interleaved, median, paired_ratio, print_table, profile_calls, setup_threads, write_json,
+)
 from hcral.data import collate
 from hcral.demo import baseline_of, demo_config
 from hcral.models.build import build_model
@@ -170,19 +172,6 @@ def loss_pipeline_breakdown(
     return out
 
 
-def profile_steps(steps: dict[str, Callable[[], None]], rows: int = 25) -> dict[str, str]:
-    from torch.profiler import ProfilerActivity, profile
-
-    tables = {}
-    for name, step in steps.items():
-        step()
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            step()
-        tables[name] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
-        print(f"\n== profile of one step: {name}\n{tables[name]}")
-    return tables
-
-
 def run(args: argparse.Namespace) -> dict:
     setup_threads(args.threads)
     torch.manual_seed(SEED)
@@ -231,7 +220,7 @@ def run(args: argparse.Namespace) -> dict:
             ["part", "ms"],
             [[k, f"{v:.2f}"] for k, v in parts.items()],
         )
-    tables = profile_steps({**steps, **pipelines}) if args.profile else {}
+    tables = profile_calls({**steps, **pipelines}) if args.profile else {}
     payload = {
         "config": "hcral.demo.demo_config (FCOS+ATSS, small backbone) vs baseline_of",
         "batch_shape": list(images.shape),

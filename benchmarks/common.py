@@ -180,3 +180,47 @@ def write_json(name: str, payload: dict[str, Any], out: Path | None = None) -> P
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {path}")
     return path
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field))
+
+
+def extra_peak_rss(fn: Callable[[], Any]) -> dict[str, Any]:
+    """Extra peak resident memory of one call of ``fn``, in this (fresh) process.
+
+    Resets the high-water mark (``/proc/self/clear_refs``), calls ``fn`` once and reports
+    ``VmHWM - VmRSS before``; where ``clear_refs`` is unavailable, ``ru_maxrss`` of the whole
+    process (an upper bound). Returns ``extra_peak_mib``, ``resident_before_mib``, ``seconds`` and
+    ``method``.
+    """
+    import resource
+
+    rss_before = _status_kib("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := VmRSS
+        method = "VmHWM after clear_refs"
+    except OSError:
+        method = "getrusage ru_maxrss (peak of the whole process, an upper bound)"
+    start = time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - start
+    peak = _status_kib("VmHWM") if method.startswith("VmHWM") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"extra_peak_mib": (peak - rss_before) / 1024, "resident_before_mib": rss_before / 1024,
+            "seconds": seconds, "method": method}
+
+
+def profile_calls(calls: dict[str, Callable[[], object]], rows: int = 25) -> dict[str, str]:
+    """One warm-up call, then a torch.profiler table (by self CPU time) of one call of each."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tables = {}
+    for name, fn in calls.items():
+        fn()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+        tables[name] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+        print(f"\n== profile of one call: {name}\n{tables[name]}")
+    return tables

@@ -162,26 +162,31 @@ def load_model_state(model: Any, ckpt: dict[str, Any], path: str | Path, *, loss
 # ---------------------------------------------------------------------------------------------
 
 
+def _refuse_differences(
+    ckpt: dict[str, Any], cfg: Config, path: str | Path, *, free: tuple[str, ...], given: str, message: str
+) -> None:
+    """A ConfigError, ``message`` with ``{diff}`` naming them, if settings outside ``free`` differ."""
+    diff = {k: v for k, v in config_differences(stored_config(ckpt, path), cfg).items() if not _matches(k, free)}
+    if diff:
+        raise ConfigError(message.format(diff=_describe(diff, "checkpoint", given)), key=next(iter(diff)))
+
+
 def check_resume_config(ckpt: dict[str, Any], cfg: Config, path: str | Path) -> None:
     """Resume only with the config the checkpoint was trained with (up to :data:`RESUME_FREE`)."""
-    diff = {k: v for k, v in config_differences(stored_config(ckpt, path), cfg).items() if not _matches(k, RESUME_FREE)}
-    if diff:
-        raise ConfigError(
-            f"cannot resume {path}: the config differs from the one it was trained with: "
-            f"{_describe(diff, 'checkpoint', 'now')}; resume with the run's own {RUN_CONFIG}, or train into a new --out",
-            key=next(iter(diff)),
-        )
+    _refuse_differences(
+        ckpt, cfg, path, free=RESUME_FREE, given="now",
+        message=f"cannot resume {path}: the config differs from the one it was trained with: {{diff}}; "
+        f"resume with the run's own {RUN_CONFIG}, or train into a new --out",
+    )  # fmt: skip
 
 
 def check_inference_config(ckpt: dict[str, Any], cfg: Config, path: str | Path) -> None:
     """Evaluate or predict only with the checkpoint's settings (up to :data:`INFERENCE_FREE`)."""
-    diff = {k: v for k, v in config_differences(stored_config(ckpt, path), cfg).items() if not _matches(k, INFERENCE_FREE)}
-    if diff:
-        raise ConfigError(
-            f"{path} was trained with other settings: {_describe(diff, 'checkpoint', 'given')}; eval and "
-            f"predict take every setting but {', '.join(INFERENCE_FREE)} from the checkpoint",
-            key=next(iter(diff)),
-        )
+    _refuse_differences(
+        ckpt, cfg, path, free=INFERENCE_FREE, given="given",
+        message=f"{path} was trained with other settings: {{diff}}; eval and predict take every setting "
+        f"but {', '.join(INFERENCE_FREE)} from the checkpoint",
+    )  # fmt: skip
 
 
 def _with_values(cfg: Config, values: dict[str, Any]) -> Config:

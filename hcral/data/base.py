@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,10 +137,11 @@ class ImageRecord:
         width: int,
         boxes: list[list[float]],
         labels: list[int],
-        ignore_boxes: list[list[float]],
-        ignore_labels: list[int],
+        ignore_boxes: Sequence[Sequence[float]] = (),
+        ignore_labels: Sequence[int] = (),
     ) -> ImageRecord:
-        """Build a record from lists, clipping to the image and dropping empty boxes."""
+        """Build a record from lists, clipping to the image and dropping empty boxes (no ignored
+        boxes unless given)."""
         kept = {}
         for name, box_list, label_list in (
             ("", boxes, labels),

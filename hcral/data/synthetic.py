@@ -220,8 +220,6 @@ class SyntheticShapes(DetectionDataset):
             width=width,
             boxes=boxes,
             labels=labels,
-            ignore_boxes=[],
-            ignore_labels=[],
         )
         self._records[index] = record
         return image, record

@@ -118,8 +118,6 @@ class YOLODataset(DetectionDataset):
                     width=width,
                     boxes=boxes,
                     labels=labels,
-                    ignore_boxes=[],
-                    ignore_labels=[],
                 )
             )
         if num_dropped:
