@@ -127,6 +127,7 @@ class ResumableSampler(Sampler[int]):
     per sample, e.g. landscape/portrait) every run of ``batch_size`` samples a rank draws comes
     from one group: each group is shuffled and padded by repetition to whole chunks of
     ``batch_size * world`` samples, and the chunks are shuffled (MMDetection's GroupSampler).
+    A single group gives exactly the order without groups.
     """
 
     def __init__(
@@ -152,7 +153,8 @@ class ResumableSampler(Sampler[int]):
 
     def _indices(self) -> list[int]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        if self.groups is not None:
+        # One group (e.g. square synthetic images): the plain shuffled order, as without groups.
+        if self.groups is not None and len(set(self.groups)) > 1:
             chunk = self.batch_size * self.world
             chunks: list[list[int]] = []
             for group in sorted(set(self.groups)):

@@ -128,7 +128,7 @@ def test_eval_set_that_conflicts_with_the_checkpoint_is_an_error(trained, tmp_pa
 
 def test_eval_settings_may_change(trained, tmp_path, capsys):
     run, config = trained
-    code, _ = run_cli(
+    code, err = run_cli(
         capsys, "eval", config, "--checkpoint", run / CHECKPOINT, "--out", tmp_path / "ev",
         "--set", "eval.score_thr=0.9", "--set", "eval.batch_size=1", "--set", "data.num_workers=0",
     )  # fmt: skip
@@ -146,7 +146,7 @@ def test_predict_takes_model_settings_from_the_checkpoint(trained, tmp_path, cap
     outs = {}
     for name, section in {"same": {}, "other": {"detector": "atss"}}.items():
         config = write_config(tmp_path / f"{name}.yaml", model=section)
-        code, _ = run_cli(capsys, "predict", config, "--checkpoint", run / CHECKPOINT, image, "--out", tmp_path / name)
+        code, err = run_cli(capsys, "predict", config, "--checkpoint", run / CHECKPOINT, image, "--out", tmp_path / name)
         assert code == 0, err
         outs[name] = json.loads((tmp_path / name / "predictions.json").read_text())
     assert outs["other"] == outs["same"]

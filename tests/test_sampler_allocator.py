@@ -57,6 +57,14 @@ def test_each_rank_draws_whole_single_group_batches(world: int) -> None:
     assert set(i for r in per_rank for b in r for i in b) == set(range(len(groups)))
 
 
+def test_a_single_group_is_the_order_without_groups() -> None:
+    plain = ResumableSampler(20, shuffle=True, seed=4)
+    grouped = ResumableSampler(20, shuffle=True, seed=4, groups=[0] * 20, batch_size=8)
+    plain.set_epoch(1)
+    grouped.set_epoch(1)
+    assert list(grouped) == list(plain)
+
+
 def test_groups_are_checked() -> None:
     with pytest.raises(ValueError, match="one id per sample"):
         ResumableSampler(3, shuffle=True, groups=[0, 1])
