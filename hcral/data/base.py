@@ -72,12 +72,34 @@ def load_image(path: str | Path) -> Tensor:
     return TF.to_dtype(image, torch.uint8, scale=True)  # 16-bit PNG decodes to uint16
 
 
-def read_image_size(path: str | Path) -> tuple[int, int]:
-    """``(height, width)`` of :func:`load_image`'s tensor for ``path``, from the file header alone.
+def image_header(image: Image.Image) -> tuple[tuple[int, int], int]:
+    """``((width, height), orientation)`` of an opened PIL image, from its header alone: the stored
+    size and the EXIF orientation (1 if absent) that :func:`load_image` applies."""
+    width, height = image.size
+    tags = getattr(image, "tag_v2", None)
+    if tags is not None and _TIFF_WIDTH in tags and _TIFF_LENGTH in tags:
+        # Recent Pillow reports a TIFF's size already turned by its orientation.
+        width, height = int(tags[_TIFF_WIDTH]), int(tags[_TIFF_LENGTH])
+    if image.format in _TORCHVISION_FORMATS:
+        # The EXIF block torchvision reads (before the pixel data), without XMP: PNG's
+        # ``getexif`` would decode the pixels to look for more.
+        exif = Image.Exif()
+        if image.info.get("exif"):
+            exif.load(image.info["exif"])
+    else:
+        exif = image.getexif()  # what exif_transpose reads
+    return (width, height), exif.get(ExifTags.Base.Orientation, 1)
 
-    PIL reads the header (size, format, EXIF) without decoding pixels; orientations 5-8 swap
-    height and width, as :func:`load_image` turns the image upright. A truncated or corrupt body is
-    only found by decoding (:func:`load_image`, :func:`hcral.data.check.check_image`).
+
+def shown_size(stored: tuple[int, int], orientation: int) -> tuple[int, int]:
+    """``(width, height)`` after EXIF ``orientation`` of an image stored as ``stored``."""
+    return (stored[1], stored[0]) if orientation in _QUARTER_TURN_ORIENTATIONS else stored
+
+
+def read_image_size(path: str | Path) -> tuple[int, int]:
+    """``(height, width)`` of :func:`load_image`'s tensor for ``path``, from the file header alone
+    (:func:`image_header`). A truncated or corrupt body is only found by decoding
+    (:func:`load_image`, :func:`hcral.data.check.check_image`).
 
     Raises:
         DatasetError: naming ``path`` if the file is missing or has no readable image header.
@@ -87,24 +109,10 @@ def read_image_size(path: str | Path) -> tuple[int, int]:
         raise DatasetError(f"{path}: image file not found")
     try:
         with Image.open(path) as image:
-            width, height = image.size
-            tags = getattr(image, "tag_v2", None)
-            if tags is not None and _TIFF_WIDTH in tags and _TIFF_LENGTH in tags:
-                # Recent Pillow reports a TIFF's size already turned by its orientation.
-                width, height = int(tags[_TIFF_WIDTH]), int(tags[_TIFF_LENGTH])
-            if image.format in _TORCHVISION_FORMATS:
-                # The EXIF block torchvision reads (before the pixel data), without XMP: PNG's
-                # ``getexif`` would decode the pixels to look for more.
-                exif = Image.Exif()
-                if image.info.get("exif"):
-                    exif.load(image.info["exif"])
-            else:
-                exif = image.getexif()  # what exif_transpose reads
-            orientation = exif.get(ExifTags.Base.Orientation, 1)
+            stored, orientation = image_header(image)
     except _PIL_ERRORS as error:
         raise DatasetError(f"{path}: cannot read image header: {error}") from error
-    if orientation in _QUARTER_TURN_ORIENTATIONS:
-        return width, height
+    width, height = shown_size(stored, orientation)
     return height, width
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from hcral.data.base import DetectionDataset
+from hcral.data.base import DetectionDataset, image_header, shown_size
 from hcral.data.errors import DatasetError
 from hcral.data.synthetic import SyntheticShapes
 
@@ -41,10 +41,7 @@ __all__ = [
 
 # Files taken as images when a folder is given, and split lines that name a file (VOC).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-# EXIF tag 274: how to turn the stored pixels to show the image upright. Values 5..8 turn it by
-# 90 degrees (width and height swap); 2..4 mirror or turn by 180 degrees (same size).
-_EXIF_ORIENTATION = 0x0112
-_ORIENTATION_SWAPS_SIDES = {5, 6, 7, 8}
+# EXIF tag 274: how to turn the stored pixels to show the image upright (hcral.data.base.image_header).
 _ORIENTATION_NAMES = {
     2: "mirrored",
     3: "rotated 180 degrees",
@@ -58,23 +55,6 @@ _ORIENTATION_NAMES = {
 _END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"\x00\x00\x00\x00IEND\xaeB`\x82"}
 # JPEG decodes at 1/8 scale in the integrity check: every byte is read, the IDCT is 64x cheaper.
 _JPEG_DRAFT_SCALE = 8
-
-
-def _shown_size(stored: tuple[int, int], orientation: int | None) -> tuple[int, int]:
-    """``(width, height)`` after EXIF ``orientation`` of an image stored as ``stored``."""
-    return (stored[1], stored[0]) if orientation in _ORIENTATION_SWAPS_SIDES else stored
-
-
-def _orientation(image: Image.Image) -> int | None:
-    """The EXIF orientation tag of an opened image, read from its header only."""
-    if image.format != "PNG":
-        return image.getexif().get(_EXIF_ORIENTATION)
-    # PIL's PNG getexif() decodes all pixels to look for EXIF after them too; an eXIf chunk before
-    # the pixel data (where writers put it, and where libpng reads it) is already parsed.
-    exif = Image.Exif()
-    if "exif" in image.info:
-        exif.load(image.info["exif"])
-    return exif.get(_EXIF_ORIENTATION)
 
 
 def _decode(image: Image.Image) -> None:
@@ -96,7 +76,8 @@ def check_image(
     Returns:
         ``(problem, (width, height), orientation)``: ``problem`` is ``None`` or a message that
         starts with ``path``; the size is the stored one (before EXIF orientation, ``(0, 0)`` if
-        unreadable) and ``orientation`` the EXIF orientation tag (``None`` if absent).
+        unreadable) and ``orientation`` the EXIF orientation tag (1 if absent, ``None`` if
+        unreadable), both from :func:`hcral.data.base.image_header`.
     """
     path = Path(path)
     if not path.is_file():
@@ -106,8 +87,7 @@ def check_image(
         return f"{path}: empty file (0 bytes), not an image", (0, 0), None
     try:
         with Image.open(path) as image:
-            size = image.size
-            orientation = _orientation(image)
+            size, orientation = image_header(image)
             marker = _END_MARKERS.get(image.format or "")
             complete = False
             if marker is not None and not full_decode:
@@ -131,7 +111,7 @@ def _size_problem(
     annotated: tuple[int, int],
 ) -> str | None:
     """A message if the annotation's ``(width, height)`` is not the image's size as shown."""
-    shown = _shown_size(stored, orientation)
+    shown = shown_size(stored, orientation)
     if shown == annotated:
         return None
     ann_w, ann_h = annotated
