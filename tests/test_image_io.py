@@ -12,6 +12,8 @@ import torch
 from PIL import Image, ImageOps
 
 from hcral.data import DatasetError, load_image, read_image_size
+from hcral.data.base import shown_size
+from hcral.data.check import check_image
 
 RACCOON = Path(
     os.environ.get("HCRAL_RACCOON", Path(__file__).resolve().parents[2] / "shared/datasets/raccoon")
@@ -55,6 +57,9 @@ def test_exif_orientation_applied_and_header_size_agrees(tmp_path, orientation, 
     expected_hw = (50, 30) if orientation in (5, 6, 7, 8) else (30, 50)
     assert tuple(image.shape[1:]) == expected_hw == read_image_size(path)
     torch.testing.assert_close(image, _pil_reference(path), rtol=0, atol=0)
+    # The data check sees the same size as shown (it used to turn a TIFF's twice).
+    problem, stored, tag = check_image(path)
+    assert problem is None and shown_size(stored, tag) == expected_hw[::-1]
 
 
 def test_exif_orientation_6_is_a_clockwise_quarter_turn(tmp_path):
