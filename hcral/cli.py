@@ -137,9 +137,9 @@ def main(argv: list[str] | None = None) -> int:
             from hcral.checkpoint import eval_dir
             from hcral.runner import evaluate_checkpoint
 
-            cfg = _checkpoint_config(args)
+            cfg, ckpt = _checkpoint_config(args)
             out = eval_dir(args.checkpoint, cfg, args.out or _set_out_dir(args.overrides))
-            metrics = evaluate_checkpoint(cfg, args.checkpoint, out)
+            metrics = evaluate_checkpoint(cfg, args.checkpoint, out, ckpt=ckpt)
             print(f"results written to {out}", file=sys.stderr)
         elif args.command == "check-data":
             return _check_data(_config(args), full_decode=args.full_decode)
@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             if not args.out:
                 raise ConfigError("predict needs --out DIR for predictions.json and the drawn PNGs")
             score_thr = DRAW_SCORE_THR if args.score_thr is None else args.score_thr
-            results = predict(_checkpoint_config(args), args.checkpoint, args.images, args.out, score_thr=score_thr)
+            cfg, ckpt = _checkpoint_config(args)
+            results = predict(cfg, args.checkpoint, args.images, args.out, score_thr=score_thr, ckpt=ckpt)
             drawn = sum(d["score"] >= score_thr for d in results)
             print(f"{len(results)} detections written to {args.out}/predictions.json; "
                   f"{drawn} with score >= {score_thr:g} drawn into the PNGs (--score-thr)")
@@ -183,13 +184,15 @@ def _set_out_dir(overrides: list[str]) -> str | None:
 
 
 def _checkpoint_config(args: argparse.Namespace):
-    """eval / predict: the checkpoint's config with the evaluation settings of CONFIG and --set."""
+    """eval / predict: ``(config, checkpoint)``, the checkpoint's config with the evaluation
+    settings of CONFIG and --set; the checkpoint is loaded once, here."""
     from hcral.checkpoint import inference_config, load_checkpoint
 
-    cfg, notes = inference_config(load_checkpoint(args.checkpoint), args.checkpoint, args.config, args.overrides)
+    ckpt = load_checkpoint(args.checkpoint)
+    cfg, notes = inference_config(ckpt, args.checkpoint, args.config, args.overrides)
     for note in notes:
         print(f"hcral {args.command}: note: {note}", file=sys.stderr)
-    return cfg
+    return cfg, ckpt
 
 
 if __name__ == "__main__":

@@ -430,16 +430,19 @@ def run_evaluation(cfg: Config, model: Detector, dataset: Dataset, device: torch
     return metrics or {}
 
 
-def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, out_dir: str | Path | None = None) -> dict[str, float]:
+def evaluate_checkpoint(
+    cfg: Config, checkpoint: str | Path, out_dir: str | Path | None = None, *, ckpt: dict[str, Any] | None = None
+) -> dict[str, float]:
     """Evaluate a checkpoint into a folder of its own: ``out_dir``, or else ``eval`` (``eval2``, ...)
     beside the checkpoint (:func:`hcral.checkpoint.eval_dir`). It gets config.yaml, log.jsonl,
     metrics.json, detections.json, and ``checkpoint.pt`` as a link to the evaluated file.
 
     ``cfg`` must be the checkpoint's config up to the settings that may change
     (:data:`hcral.checkpoint.INFERENCE_FREE`); :func:`hcral.checkpoint.inference_config` makes one.
+    ``ckpt`` is the checkpoint if the caller has loaded it already.
     """
     validate(cfg)
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = load_checkpoint(checkpoint) if ckpt is None else ckpt
     check_inference_config(ckpt, cfg, checkpoint)
     out = eval_dir(checkpoint, cfg, out_dir)
     cfg = replace(cfg, out_dir=str(out))
@@ -463,7 +466,13 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, out_dir: str | Path
 
 
 def predict(
-    cfg: Config, checkpoint: str | Path, images: list[str | Path], out_dir: str | Path, *, score_thr: float = DRAW_SCORE_THR
+    cfg: Config,
+    checkpoint: str | Path,
+    images: list[str | Path],
+    out_dir: str | Path,
+    *,
+    score_thr: float = DRAW_SCORE_THR,
+    ckpt: dict[str, Any] | None = None,
 ) -> list[dict]:
     """Detect objects in image files; writes ``predictions.json`` (COCO results, original pixels,
     with ``file_name``) and one PNG per image into ``out_dir``.
@@ -471,7 +480,7 @@ def predict(
     ``images`` are files or folders (every image file in a folder, sorted); all are checked before
     the model is loaded, so a bad path fails the run before anything is written. The PNGs show the
     detections with a score of at least ``score_thr``; ``predictions.json`` holds all of them
-    (down to ``eval.score_thr``).
+    (down to ``eval.score_thr``). ``ckpt`` is the checkpoint if the caller has loaded it already.
     """
     from torchvision.transforms.v2.functional import to_pil_image
 
@@ -483,7 +492,7 @@ def predict(
         raise ValueError(f"score_thr must be in [0, 1], got {score_thr}")
     paths = collect_images(images)
     device = resolve_device(cfg.train.device)
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = load_checkpoint(checkpoint) if ckpt is None else ckpt
     check_inference_config(ckpt, cfg, checkpoint)
     class_names, cat_ids = ckpt.get("class_names"), ckpt.get("cat_ids")
     if not class_names:
