@@ -22,12 +22,68 @@ from hcral.defaults import HCRA_ALPHA, HCRA_EP, HCRA_MU, HCRA_THETA
 from hcral.distributed import reduce_mean
 from hcral.losses._reduction import check_boxes, check_ndim, check_shape, upcast
 from hcral.losses.ghm import check_ghm_hparams, gather_beta, ghm_bins, weighted_bce_loss
-from hcral.ops.boxes import EPS, AlignedBoxTerms, aligned_box_terms, diou_penalty_from_terms, giou_from_terms
+from hcral.ops.boxes import (
+    EPS,
+    AlignedBoxTerms,
+    aligned_box_terms,
+    aligned_iou,
+    box_iou,
+    diou_penalty_from_terms,
+    giou_from_terms,
+)
 
 # §4: guards the denominator max(Σ ρ·t·h, ε) against 0/0 only (no positives, or all h = 0). Any
 # positive sum above it is used as is, so the weights keep their role of redistributing emphasis
 # among positives; the same guard as MMDetection's FCOS centerness denominator.
 HCRA_REG_EPS = 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# §1, u: the IoU each (prior, class) is held to
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def hcra_ious(
+    pred_boxes: Tensor, gt_boxes: Tensor, gt_labels: Tensor, matched_gt: Tensor, num_classes: int
+) -> Tensor:
+    """u of formulation §1 for one image: the IoU each (prior, class) is held to by HCRA-C and HCRA-R.
+
+    For a positive prior at its class, ``IoU(b_i, g_a(i))`` with its assigned ground truth; for
+    every other (i, k), ``max_{j: c_j = k} IoU(b_i, g_j)``, or 0 when the image has no ground truth
+    of class k. Ignored and background priors get the class-wise maximum; the loss masks ignored
+    ones through ``valid``.
+
+    Args:
+        pred_boxes: ``(N, 4)`` predicted boxes b (decoded, xyxy, pixels); detached here.
+        gt_boxes: ``(M, 4)`` ground-truth boxes g (xyxy, pixels); M may be 0.
+        gt_labels: ``(M,)`` int64 classes in ``0..num_classes-1``.
+        matched_gt: ``(N,)`` int64 assignment: the ground-truth index of a positive prior, a
+            negative value otherwise (torchvision's ``Matcher``: -1 background, -2 ignored).
+        num_classes: C.
+
+    Returns:
+        ``(N, C)`` float32 in [0, 1], without gradient.
+    """
+    where = "hcra_ious"
+    check_boxes("pred_boxes", pred_boxes, where=where)
+    check_boxes("gt_boxes", gt_boxes, where=where)
+    check_shape("gt_labels", gt_labels, (gt_boxes.shape[0],), where=where)
+    check_shape("matched_gt", matched_gt, (pred_boxes.shape[0],), where=where)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"{where}: num_classes must be a positive int, got {num_classes!r}")
+    pred = pred_boxes.detach().float()
+    u = pred.new_zeros(pred.shape[0], num_classes)
+    if gt_boxes.numel() == 0 or pred.numel() == 0:
+        return u
+    gt = gt_boxes.detach().to(pred)
+    iou = box_iou(pred, gt)  # (N, M)
+    u.scatter_reduce_(1, gt_labels.view(1, -1).expand_as(iou), iou, reduce="amax", include_self=True)
+    pos = (matched_gt >= 0).nonzero(as_tuple=True)[0]
+    assigned = matched_gt[pos]
+    # The positive's own IoU, as an aligned pair (what HCRA-R's q is), not its class-wise maximum.
+    u[pos, gt_labels[assigned]] = aligned_iou(pred[pos], gt[assigned]).clamp(min=0)
+    return u
 
 
 # ---------------------------------------------------------------------------------------------
