@@ -62,7 +62,7 @@ RESUME_FREE = (
 INFERENCE_FREE = (
     "out_dir", "eval.*", "train.device", "train.amp", "data.num_workers", "data.dataset", "data.root",
     "data.val_split", "data.val_ann", "data.val_images", "data.synthetic_val", "data.synthetic_size",
-    "data.synthetic_seed",
+    "data.synthetic_seed", "data.holdout_fraction", "data.holdout_seed",
 )  # fmt: skip
 # Settings that change a model's detections: a config file that differs on them gets a note.
 INFERENCE_KEYS = ("model.*", "data.short_side", "data.max_side", "data.class_names", "data.synthetic_classes")

@@ -102,6 +102,11 @@ class DenseHead(nn.Module):
     with_centerness: bool = True  # on the regression tower, as ATSS and FCOS (centerness_on_reg)
     use_scales: bool = True
     default_hcra_gamma: float = 0.0
+    # NMS IoU when eval.nms_iou is None: the detector's reference config (ATSS's 0.6 by default).
+    default_nms_iou: float = 0.6
+    # Initial bias of the regression output (0: the first boxes are the priors' own, as MMDetection's
+    # anchor heads with delta coding).
+    reg_bias_init: float = 0.0
 
     def __init__(
         self,
@@ -144,6 +149,7 @@ class DenseHead(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
         nn.init.constant_(self.cls_out.bias, -math.log((1 - prior_prob) / prior_prob))
+        nn.init.constant_(self.reg_out.bias, self.reg_bias_init)
 
     def _build_cls_loss(self) -> nn.Module | None:
         """GHM-C and HCRA-C keep a moving-average histogram (state in checkpoints); others are functions."""
@@ -154,6 +160,8 @@ class DenseHead(nn.Module):
             kwargs = dict(
                 alpha=c.hcra_alpha, theta=c.hcra_theta, mu=c.hcra_mu, bins=c.ghm_bins,
                 momentum=c.ghm_momentum, use_rci=c.hcra_cls_rci, use_cf=c.hcra_cls_cf,
+                base=c.hcra_cls_base, normalize=c.hcra_cls_normalize,
+                focal_alpha=c.focal_alpha, focal_gamma=c.focal_gamma,
             )
             return L.FusedHCRAClassificationLoss(**kwargs) if c.hcra_fused else L.HCRAClassificationLoss(**kwargs)
         return None
@@ -276,7 +284,11 @@ class DenseHead(nn.Module):
         flat = logits.reshape(-1, self.num_classes)
         valid_flat = valid.reshape(-1)
         if c.cls == "hcra_c":
-            return self.cls_loss_module(flat, onehot.reshape(flat.shape), ious_u.reshape(flat.shape), valid_flat)
+            # §3b divides by num_pos as focal loss does; HCRA-C by its own T.
+            avg_factor = num_pos if c.hcra_cls_base == "focal" else None
+            return self.cls_loss_module(
+                flat, onehot.reshape(flat.shape), ious_u.reshape(flat.shape), valid_flat, avg_factor=avg_factor
+            )
         if c.cls == "ghmc":
             return self.cls_loss_module(flat, onehot.reshape(flat.shape), valid_flat)
         weight = valid_flat.float()  # (B*N,): one weight per prior, broadcast over classes by the losses
@@ -329,6 +341,7 @@ class DenseHead(nn.Module):
         scores = cls_logits.float().sigmoid_()  # in place: the (B, N, C) logits are not needed any more
         ctr = ctr_logits.float().sigmoid() if ctr_logits is not None else None
         t = self.test_cfg
+        nms_iou = self.default_nms_iou if t.nms_iou is None else t.nms_iou
         results = []
         for i, size in enumerate(image_sizes):
             per_level = layout.num_level_priors
@@ -337,7 +350,7 @@ class DenseHead(nn.Module):
             lvl_ctr = list(ctr[i].split(per_level)) if ctr is not None else None
             det_boxes, det_scores, det_labels = select_detections(
                 lvl_scores, lvl_boxes, nms_pre=t.nms_pre, score_thr=t.score_thr,
-                iou_threshold=t.nms_iou, max_per_img=t.max_per_img, score_factors=lvl_ctr,
+                iou_threshold=nms_iou, max_per_img=t.max_per_img, score_factors=lvl_ctr,
             )
             results.append({"boxes": det_boxes, "scores": det_scores, "labels": det_labels})
         return results
