@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only-curves", action="store_true", help="only the figures that need no trained model")
     p.add_argument("--ap-curves", nargs="+", metavar="RUN", default=None,
                    help="only the validation AP-versus-iteration plot of these run folders")
+    p.add_argument("--grad-share", nargs="+", metavar="RUN", default=None,
+                   help="only the classification-gradient share plot of these run folders (train.log_grad_share=true)")
     return parser
 
 
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
             for path in make_figures(
                 args.out, baseline_run=args.baseline, hcral_run=args.hcral, image_index=args.image_index,
-                only_curves=args.only_curves, ap_curves=args.ap_curves,
+                only_curves=args.only_curves, ap_curves=args.ap_curves, grad_share=args.grad_share,
             ):  # fmt: skip
                 print(path)
             return 0

@@ -241,6 +241,9 @@ class TrainConfig:
     # CPU runs: glibc's malloc keeps freed memory for reuse instead of unmapping every large
     # tensor (hcral.utils.keep_freed_memory): steps about 1.5x faster, peak memory held to the end.
     keep_freed_memory: bool = True
+    # Log the classification gradient's mass on positives and negatives and on RCI's regions 1 and 2
+    # (grad_* keys of log.jsonl, summed over each log_interval; hcral/models/heads/grad_share.py).
+    log_grad_share: bool = False
 
 
 @dataclass

@@ -379,6 +379,7 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True) -> dict[s
         nonlocal saved_iter
         saved_iter = position["global_iter"]
 
+    grad_share = unwrap(model).head.grad_share  # train.log_grad_share
     bar = _progress(total_iters, global_iter, progress and main)
     started = time.perf_counter()
     steps_this_run = 0
@@ -392,6 +393,8 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True) -> dict[s
         rate = (time.perf_counter() - started) / steps_this_run
         record.update(iter=it, epoch=position["epoch"], eta_s=round(rate * (total_iters - it), 1))
         if it % cfg.train.log_interval == 0 or it == total_iters:
+            if grad_share is not None:  # sums since the last record; every rank reads (DDP all-reduce)
+                record.update(grad_share.pop())
             log.write(record)
         bar.update(1)
         bar.set_postfix({k[5:] if k.startswith("loss_") else k: f"{v:.3f}" for k, v in record.items() if k.startswith("loss")})

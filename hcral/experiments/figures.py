@@ -7,6 +7,9 @@
 - ``fig_priors_weights.png``: on one validation image, the priors with the largest RCI and CF
   weights of HCRA-C and HCRA-R, and the positives EATSS adds to ATSS (§5, Fig. 1's anchors C, D);
 - ``fig_loss_curves.png``: each logged loss term against the iteration, baseline and HCRAL.
+- ``ap_vs_iteration.png`` (``--ap-curves RUN...``): validation AP against the iteration;
+- ``grad_share.png`` (``--grad-share RUN...``): how the classification gradient splits between
+  positives and negatives and between RCI's regions, from runs trained with ``train.log_grad_share``.
 
 Every weight comes from :func:`hcral.losses.cls_weights` and :func:`hcral.losses.reg_weights`
 (no formula is re-derived here); per-prior data come from the head's public pieces (its forward
@@ -22,7 +25,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["make_figures", "omega_curve", "prior_data", "t_curve"]
+__all__ = ["grad_share_curves", "make_figures", "omega_curve", "prior_data", "t_curve"]
 
 # Curves of Fig. 3(b) and 3(c): the values of μ and γ drawn, and the IoU resolution.
 OMEGA_MUS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -377,6 +380,60 @@ def fig_ap_curves(path: Path, runs: dict[str, Path]) -> Path:
     return _save(fig, path)
 
 
+def _ratio(num: float, den: float) -> float:
+    return num / den if den > 0 else math.nan
+
+
+def grad_share_curves(run_dir: str | Path) -> dict[str, list[float]]:
+    """Per logged record of a run trained with ``train.log_grad_share=true``: the iteration, the
+    negatives' share of the classification gradient's mass, region 1's share within positives and
+    within negatives, and the mean |∂L/∂x| of a positive element over that of a negative one
+    (hcral/models/heads/grad_share.py; NaN where a group is empty)."""
+    rows = [r for r in read_log(run_dir) if "grad_pos" in r]
+    if not rows:
+        raise ValueError(f"{run_dir}/log.jsonl has no gradient share: train with train.log_grad_share=true")
+    return {
+        "iter": [r["iter"] for r in rows],
+        "neg_share": [_ratio(r["grad_neg"], r["grad_pos"] + r["grad_neg"]) for r in rows],
+        "pos_r1_share": [_ratio(r["grad_pos_r1"], r["grad_pos"]) for r in rows],
+        "neg_r1_share": [_ratio(r["grad_neg_r1"], r["grad_neg"]) for r in rows],
+        "pos_neg_mean_ratio": [
+            _ratio(_ratio(r["grad_pos"], r["grad_n_pos"]), _ratio(r["grad_neg"], r["grad_n_neg"])) for r in rows
+        ],
+    }
+
+
+def fig_grad_share(path: Path, runs: dict[str, Path]) -> Path:
+    """The gradient share of each run against the iteration (:func:`grad_share_curves`)."""
+    plt = _plt()
+    panels = {
+        "neg_share": "negatives' share of the mass",
+        "pos_r1_share": "region 1's share within positives",
+        "neg_r1_share": "region 1's share within negatives",
+        "pos_neg_mean_ratio": "mean |∂L/∂x|: positive / negative element",
+    }
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
+    for name, run in runs.items():
+        curves = grad_share_curves(run)
+        for ax, key in zip(axes, panels):
+            ax.plot(curves["iter"], curves[key], label=name, lw=1)
+    for ax, (key, title) in zip(axes, panels.items()):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+        if key == "pos_neg_mean_ratio":
+            ax.set_yscale("log")
+        else:
+            ax.set_ylim(0, 1)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(
+        "Classification gradient mass Σ|∂L/∂x| per group, summed over each log interval "
+        "(region 1: p − u − α > 0, formulation §2)",
+        fontsize=9,
+    )
+    return _save(fig, path)
+
+
 def make_figures(
     out: str | Path = "docs/img",
     *,
@@ -385,12 +442,19 @@ def make_figures(
     image_index: int = 0,
     only_curves: bool = False,
     ap_curves: list[str | Path] | None = None,
+    grad_share: list[str | Path] | None = None,
 ) -> list[Path]:
     """Write the figures into ``out``; the ones needing trained runs only if both run folders are
-    given. With ``ap_curves`` (run folders), only the AP-versus-iteration plot of those runs."""
+    given. With ``ap_curves`` and/or ``grad_share`` (run folders), only the AP-versus-iteration
+    and/or the gradient-share plot of those runs."""
     out = Path(out)
-    if ap_curves:
-        return [fig_ap_curves(out / "ap_vs_iteration.png", {Path(run).name: Path(run) for run in ap_curves})]
+    if ap_curves or grad_share:
+        paths = []
+        if ap_curves:
+            paths.append(fig_ap_curves(out / "ap_vs_iteration.png", {Path(run).name: Path(run) for run in ap_curves}))
+        if grad_share:
+            paths.append(fig_grad_share(out / "grad_share.png", {Path(run).name: Path(run) for run in grad_share}))
+        return paths
     paths = [fig_omega(out / "fig3b_omega.png"), fig_t(out / "fig3c_t.png")]
     if only_curves:
         return paths

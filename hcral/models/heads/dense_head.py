@@ -33,6 +33,7 @@ from hcral import losses as L
 from hcral.assign import Assignment
 from hcral.config import EvalConfig, LossConfig
 from hcral.distributed import reduce_mean
+from hcral.models.heads.grad_share import GradShareMeter
 from hcral.models.postprocess import select_detections
 from hcral.ops.boxes import aligned_iou, box_centers, box_iou, clip_boxes
 
@@ -121,6 +122,7 @@ class DenseHead(nn.Module):
         gn_groups: int = 32,
         loss: LossConfig | None = None,
         test: EvalConfig | None = None,
+        log_grad_share: bool = False,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
@@ -139,6 +141,8 @@ class DenseHead(nn.Module):
         self.scales = nn.ModuleList(Scale() for _ in self.strides) if self.use_scales else None
         self._init_weights(prior_prob)
         self.cls_loss_module = self._build_cls_loss()
+        # train.log_grad_share: the classification gradient's mass per group (grad_share.py).
+        self.grad_share = GradShareMeter(alpha=self.loss_cfg.hcra_alpha) if log_grad_share else None
 
     def _init_weights(self, prior_prob: float) -> None:
         # Normal(0, 0.01) convs and the focal-loss prior bias (Lin et al. 2017, §4.1): every prior
@@ -228,7 +232,8 @@ class DenseHead(nn.Module):
             gt_index = torch.full((b, n), -1, dtype=torch.long, device=cls_logits.device)
             labels = torch.full((b, n), -1, dtype=torch.long, device=cls_logits.device)
             target_boxes = torch.zeros(b, n, 4, device=cls_logits.device)
-            ious_u = torch.zeros(b, n, c, device=cls_logits.device) if self.loss_cfg.cls == "hcra_c" else None
+            need_u = self.loss_cfg.cls == "hcra_c" or self.grad_share is not None
+            ious_u = torch.zeros(b, n, c, device=cls_logits.device) if need_u else None
             for i, t in enumerate(targets):
                 a = self.assign(layout, t, detached_boxes[i], scores[i])
                 gt_index[i], labels[i] = a.gt_index, a.labels
@@ -258,6 +263,8 @@ class DenseHead(nn.Module):
         if ious_u is not None:
             # §1: a positive at its class is held to the IoU with its own assigned GT.
             ious_u[pos_b, pos_i, pos_labels] = pos_iou
+        if self.grad_share is not None and cls_logits.requires_grad:
+            self.grad_share.watch(cls_logits, onehot, valid, scores, ious_u)
 
         terms = {
             "loss_cls": self._cls_loss(cls_logits, onehot, soft, ious_u, valid, num_pos),
