@@ -255,6 +255,7 @@ class EvalConfig:
     nms_iou: float | None = num(None, **UNIT)
     max_per_img: int = num(100, **AT_LEAST_ONE)
     batch_size: int = num(2, **AT_LEAST_ONE)
+    use_centerness: bool = True  # ATSS, FCOS+ATSS: scores times the centerness sigmoid (false: the class score alone)
 
 
 @dataclass

@@ -247,12 +247,21 @@ def prior_data(run_dir: str | Path, *, image_index: int = 0) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def fig_score_iou(path: Path, runs: dict[str, Path], *, alpha: float) -> Path:
+def fig_score_iou(
+    path: Path,
+    panels: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    *,
+    alpha: float,
+    samples: str = "ATSS positives",
+    ylabel: str = "classification score p",
+    title: str = "Fig. 3(a): score vs IoU of the positives (validation images)",
+) -> Path:
+    """Fig. 3(a): one scatter panel per ``panels`` entry ``name: (iou (K,), score (K,))`` with the
+    line ``score = IoU + α`` and the share of points in each of its regions (§2)."""
     plt = _plt()
-    fig, axes = plt.subplots(1, len(runs), figsize=(4.6 * len(runs), 4.2), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.2), sharey=True, squeeze=False)
     line = [0.0, 1.0]
-    for ax, (name, run) in zip(axes[0], runs.items()):
-        iou, score = positives_score_iou(run)
+    for ax, (name, (iou, score)) in zip(axes[0], panels.items()):
         above = (score - iou - alpha > 0).float()
         ax.fill_between(line, [v + alpha for v in line], [1.0, 1.0], color="tab:red", alpha=0.08)
         ax.fill_between(line, [0.0, 0.0], [v + alpha for v in line], color="tab:blue", alpha=0.08)
@@ -265,16 +274,16 @@ def fig_score_iou(path: Path, runs: dict[str, Path], *, alpha: float) -> Path:
         mean_score = score.mean().item() if score.numel() else math.nan
         corr = torch.corrcoef(torch.stack((iou, score)))[0, 1].item() if iou.numel() > 1 else math.nan
         ax.set_title(
-            f"{name}\n{iou.numel()} ATSS positives: mean IoU {mean_iou:.2f}, mean score {mean_score:.2f}, "
+            f"{name}\n{iou.numel()} {samples}: mean IoU {mean_iou:.2f}, mean score {mean_score:.2f}, "
             f"Pearson r {corr:.2f}",
             fontsize=8,
         )
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
         ax.set_xlabel("IoU(predicted box, GT)")
-    axes[0][0].set_ylabel("classification score p")
+    axes[0][0].set_ylabel(ylabel)
     axes[0][0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, 0.9))
-    fig.suptitle("Fig. 3(a): score vs IoU of the positives (validation images)", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     return _save(fig, path)
 
 
@@ -467,7 +476,8 @@ def make_figures(
     from hcral.config import load_config
 
     alpha = load_config(Path(hcral_run) / "config.yaml").loss.hcra_alpha
-    paths.append(fig_score_iou(out / "fig3a_score_iou.png", runs, alpha=alpha))
+    points = {name: positives_score_iou(run) for name, run in runs.items()}
+    paths.append(fig_score_iou(out / "fig3a_score_iou.png", points, alpha=alpha))
     paths.append(fig_priors(out / "fig_priors_weights.png", Path(hcral_run), image_index=image_index))
     paths.append(fig_loss_curves(out / "fig_loss_curves.png", runs))
     return paths

@@ -357,7 +357,7 @@ class DenseHead(nn.Module):
             lvl_ctr = list(ctr[i].split(per_level)) if ctr is not None else None
             det_boxes, det_scores, det_labels = select_detections(
                 lvl_scores, lvl_boxes, nms_pre=t.nms_pre, score_thr=t.score_thr,
-                iou_threshold=nms_iou, max_per_img=t.max_per_img, score_factors=lvl_ctr,
+                iou_threshold=nms_iou, max_per_img=t.max_per_img, score_factors=lvl_ctr if t.use_centerness else None,
             )
             results.append({"boxes": det_boxes, "scores": det_scores, "labels": det_labels})
         return results
