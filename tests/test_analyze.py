@@ -188,12 +188,14 @@ def _is_png(path) -> bool:
 
 def test_analyze_command_writes_json_plots_and_table(tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    torch.set_num_threads(1)
-    # Enough steps that some detections reach IoU 0.5 (about a second each on one thread).
-    quick = ("train.max_iters=20", "train.epochs=100", "train.eval_interval=0", "data.synthetic_val=8", "train.lr=0.02")
+    quick = ("train.epochs=100", "train.eval_interval=0", "data.synthetic_val=8", "train.lr=0.02")
     runs = {
-        "fcos": tiny_config(tmp_path / "fcos", *quick),
-        "retina": tiny_config(tmp_path / "retina", *quick, "model.detector=retinanet", "loss.assigner=max_iou"),
+        # Enough steps that some detections reach IoU 0.5 (under a second on one idle core), validated
+        # on a held-out half of its training split: analyze reads the run's own validation set.
+        "fcos": tiny_config(
+            tmp_path / "fcos", *quick, "train.max_iters=20", "data.synthetic_train=12", "data.holdout_fraction=0.5"
+        ),
+        "retina": tiny_config(tmp_path / "retina", *quick, "train.max_iters=3", "model.detector=retinanet", "loss.assigner=max_iou"),
     }
     for cfg in runs.values():
         train(cfg, progress=False)
@@ -210,7 +212,7 @@ def test_analyze_command_writes_json_plots_and_table(tmp_path, capsys):
                 "main", "settings"} <= set(result)  # fmt: skip
         expected = {"centerness_on", "centerness_off"} if name == "fcos" else {"default"}
         assert set(result["settings"]) == expected and result["main"] in expected
-        assert result["val_images"] == 8
+        assert result["val_images"] == (6 if name == "fcos" else 8)  # half of 12 held out, or synthetic_val
         main = result["settings"][result["main"]]
         assert set(main) == {"ap", "score_iou", "tp_fp"}
         assert set(main["ap"]) == {"AP", "AP50", "AP75", "AP90", "AR100"}
@@ -221,14 +223,14 @@ def test_analyze_command_writes_json_plots_and_table(tmp_path, capsys):
         tf, si = main["tp_fp"], main["score_iou"]
         assert tf["n_tp"] + tf["n_fp"] + tf["n_ignored"] == len(json.loads((run / "detections.json").read_text()))
         assert sum(tf["tp_hist"]) == tf["n_tp"] and sum(tf["fp_hist"]) == tf["n_fp"]
-        assert si["n"] >= tf["n_tp"] > 0  # every TP is matched; a trained model finds some objects
+        assert si["n"] >= tf["n_tp"]  # every TP is matched
         if si["n"] >= 2:
             assert -1 <= si["spearman"] <= 1 and -1 <= si["pearson"] <= 1
         else:  # undefined for one point: null in the JSON
             assert si["spearman"] is None and si["pearson"] is None
         assert _is_png(run / A.SCORE_IOU_PLOT) and _is_png(run / A.TP_FP_PLOT)
     on, off = (json.loads((tmp_path / "fcos" / A.ANALYSIS).read_text())["settings"][k] for k in ("centerness_on", "centerness_off"))
-    assert on["score_iou"]["n"] >= 2  # enough steps for defined correlations
+    assert on["tp_fp"]["n_tp"] > 0 and on["score_iou"]["n"] >= 2  # it finds objects; the correlations are defined
     assert on["tp_fp"] != off["tp_fp"]
 
     rows = table.read_text().splitlines()
