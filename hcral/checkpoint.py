@@ -6,8 +6,8 @@ data position, the resolved config (``config``) and the classes (``class_names``
 Reusing it:
 
 - **resume** (``hcral train --resume``): the config must equal the stored one except for the
-  :data:`RESUME_FREE` keys (where and how fast the run goes, how often it logs, saves and
-  evaluates, and the iteration budget); anything else is an error naming the keys.
+  :data:`RESUME_FREE` keys (where and how fast the run goes, what and how often it logs, saves
+  and evaluates, and the iteration budget); anything else is an error naming the keys.
 - **eval and predict**: every setting comes from the checkpoint except the :data:`INFERENCE_FREE`
   keys (output folder, detection thresholds, evaluation batch size, device, and which data is
   read). A config file given with the checkpoint only supplies those; a ``--set`` of any other key
@@ -54,7 +54,8 @@ EVAL_DIR = "eval"
 # on the number of loader workers, and periodic evaluation does not touch the training state).
 RESUME_FREE = (
     "out_dir", "train.max_iters", "train.device", "train.log_interval", "train.eval_interval",
-    "train.checkpoint_interval", "train.checkpoint_iters", "train.keep_freed_memory", "data.num_workers", "eval.*",
+    "train.checkpoint_interval", "train.checkpoint_iters", "train.keep_freed_memory", "train.log_grad_share",
+    "data.num_workers", "eval.*",
 )  # fmt: skip
 # Keys an evaluation or a prediction may set: its output, the detection thresholds and evaluation
 # batch size (eval.*), where it runs, and which data it reads. The rest -- model, classes, input
@@ -62,7 +63,7 @@ RESUME_FREE = (
 INFERENCE_FREE = (
     "out_dir", "eval.*", "train.device", "train.amp", "data.num_workers", "data.dataset", "data.root",
     "data.val_split", "data.val_ann", "data.val_images", "data.synthetic_val", "data.synthetic_size",
-    "data.synthetic_seed",
+    "data.synthetic_seed", "data.holdout_fraction", "data.holdout_seed",
 )  # fmt: skip
 # Settings that change a model's detections: a config file that differs on them gets a note.
 INFERENCE_KEYS = ("model.*", "data.short_side", "data.max_side", "data.class_names", "data.synthetic_classes")

@@ -1,4 +1,4 @@
-"""Command line: ``hcral train | eval | predict | check-data | demo | ablate | figures``."""
+"""Command line: ``hcral train | eval | predict | check-data | demo | ablate | figures | analyze``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from hcral.config import ConfigError, load_config
 
@@ -100,6 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only-curves", action="store_true", help="only the figures that need no trained model")
     p.add_argument("--ap-curves", nargs="+", metavar="RUN", default=None,
                    help="only the validation AP-versus-iteration plot of these run folders")
+    p.add_argument("--grad-share", nargs="+", metavar="RUN", default=None,
+                   help="only the classification-gradient share plot of these run folders (train.log_grad_share=true)")
+
+    p = sub.add_parser("analyze", help="score-IoU consistency, AP at IoU 0.5/0.75/0.9 and TP/FP scores of trained runs")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (checkpoint.pt); writes RUN/analysis.json and PNGs")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override an evaluation setting of every run, as for eval, e.g. --set eval.score_thr=0.01")
+    p.add_argument("--compare", metavar="TABLE_MD", help="also write one Markdown table of all the runs")
     return parser
 
 
@@ -125,9 +134,22 @@ def main(argv: list[str] | None = None) -> int:
 
             for path in make_figures(
                 args.out, baseline_run=args.baseline, hcral_run=args.hcral, image_index=args.image_index,
-                only_curves=args.only_curves, ap_curves=args.ap_curves,
+                only_curves=args.only_curves, ap_curves=args.ap_curves, grad_share=args.grad_share,
             ):  # fmt: skip
                 print(path)
+            return 0
+        if args.command == "analyze":
+            from hcral.experiments.analyze import analyze_run, compare_table, summary_line
+            from hcral.utils import write_text_atomic
+
+            results = []
+            for run in args.runs:
+                results.append(analyze_run(run, args.overrides))
+                print(summary_line(results[-1]))
+            if args.compare:
+                Path(args.compare).parent.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(args.compare, compare_table(results))
+                print(f"table written to {args.compare}", file=sys.stderr)
             return 0
         if args.command == "train":
             from hcral.runner import train

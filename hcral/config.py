@@ -22,6 +22,9 @@ from hcral import defaults as D
 
 Detector = Literal["retinanet", "atss", "fcos_atss"]
 ClsLoss = Literal["focal", "ghmc", "qfl", "vfl", "hcra_c"]
+# The base loss RCI and CF sit on (formulation §3, §3b): "ghm" is HCRA-C; "focal" is the project's
+# extension, always reported under its own name ("RCI+CF on focal loss"), never as HCRA-C.
+HCRABase = Literal["ghm", "focal"]
 RegLoss = Literal["giou", "diou", "ciou", "eiou", "focal_eiou", "hcra_r"]
 Assigner = Literal["max_iou", "atss", "eatss"]
 DatasetKind = Literal["synthetic", "voc", "coco", "yolo"]
@@ -157,6 +160,10 @@ class LossConfig:
     hcra_gamma: float | None = num(None, **NON_NEGATIVE)
     hcra_cls_rci: bool = True
     hcra_cls_cf: bool = True
+    # With loss.cls=hcra_c: the base loss of RCI and CF (§3b; focal_alpha and focal_gamma apply) and
+    # the scale-preserving weights ŵ = ω·w / its mean over positives or negatives (§3c).
+    hcra_cls_base: HCRABase = "ghm"
+    hcra_cls_normalize: bool = False
     hcra_reg_rci: bool = True
     hcra_reg_cf: bool = True
     # Compute HCRA-C with the fused torch.compile path (hcral.losses.fused; same values and state,
@@ -200,6 +207,11 @@ class DataConfig:
     # batch's largest image wastes little (MMDetection's GroupSampler, detectron2's
     # ASPECT_RATIO_GROUPING). Each group is padded to whole batches by repetition.
     group_by_aspect_ratio: bool = True
+    # For choosing hyperparameters without touching val_split: hold out this fraction of the
+    # training split (a fixed random draw, holdout_seed). Training reads the rest and evaluation the
+    # held-out part; data.val_split is then not read. 0: off.
+    holdout_fraction: float = num(0.0, lo=0, hi=1, hi_open=True)
+    holdout_seed: int = num(0, **NON_NEGATIVE)
     num_workers: int = num(2, **NON_NEGATIVE)
 
 
@@ -229,15 +241,21 @@ class TrainConfig:
     # CPU runs: glibc's malloc keeps freed memory for reuse instead of unmapping every large
     # tensor (hcral.utils.keep_freed_memory): steps about 1.5x faster, peak memory held to the end.
     keep_freed_memory: bool = True
+    # Log the classification gradient's mass on positives and negatives and on RCI's regions 1 and 2
+    # (grad_* keys of log.jsonl, summed over each log_interval; hcral/models/heads/grad_share.py).
+    log_grad_share: bool = False
 
 
 @dataclass
 class EvalConfig:
     score_thr: float = num(0.05, **UNIT)
     nms_pre: int = num(1000, **AT_LEAST_ONE)
-    nms_iou: float = num(0.6, **UNIT)
+    # None: the detector's own, as the reference configs (RetinaNet 0.5; ATSS and FCOS+ATSS 0.6,
+    # as MMDetection's ATSS config and the official ATSS code, whose point mode FCOS+ATSS follows).
+    nms_iou: float | None = num(None, **UNIT)
     max_per_img: int = num(100, **AT_LEAST_ONE)
     batch_size: int = num(2, **AT_LEAST_ONE)
+    use_centerness: bool = True  # ATSS, FCOS+ATSS: scores times the centerness sigmoid (false: the class score alone)
 
 
 @dataclass
@@ -409,6 +427,12 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             f"loss.assigner={loss.assigner!r} does not fit model.detector={cfg.model.detector!r}; "
             f"valid: {', '.join(DETECTOR_ASSIGNERS[cfg.model.detector])}", key="loss.assigner",
+        )
+    if loss.hcra_fused and (loss.hcra_cls_base != "ghm" or loss.hcra_cls_normalize):
+        raise ConfigError(
+            f"loss.hcra_fused=true computes only HCRA-C on its GHM-C base without §3c; got "
+            f"loss.hcra_cls_base={loss.hcra_cls_base!r}, loss.hcra_cls_normalize={loss.hcra_cls_normalize}",
+            key="loss.hcra_fused",
         )
     _check_device(cfg.train.device)
     return cfg

@@ -17,7 +17,7 @@ import torch
 
 from hcral.utils import write_json_atomic  # re-exported: part of this module's API
 
-__all__ = ["METRIC_KEYS", "coco_evaluate", "detections_to_coco", "write_json_atomic"]
+__all__ = ["METRIC_KEYS", "coco_evaluate", "detections_to_coco", "run_cocoeval", "write_json_atomic"]
 
 # Names of pycocotools' COCOeval.stats[0:6], in order.
 METRIC_KEYS: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -62,6 +62,25 @@ def coco_evaluate(
         ValueError: a detection names an image or category that is not in ``coco_gt`` or lacks
             a field.
     """
+    evaluator = run_cocoeval(coco_gt, detections, iou_type=iou_type, verbose=verbose)
+    if evaluator is None:
+        return _metrics_without_detections(coco_gt)
+    return {
+        key: float(value) for key, value in zip(METRIC_KEYS, evaluator.stats[: len(METRIC_KEYS)])
+    }
+
+
+def run_cocoeval(
+    coco_gt: dict[str, Any],
+    detections: Sequence[dict[str, Any]],
+    *,
+    iou_type: str = "bbox",
+    verbose: bool = False,
+) -> Any:
+    """pycocotools' ``COCOeval`` after ``evaluate``, ``accumulate`` and ``summarize``, for the
+    numbers :func:`coco_evaluate` does not return (``eval["precision"]`` at any IoU threshold,
+    ``evalImgs``' matches, ``stats[6:12]`` recalls); None when there are no detections (pycocotools
+    fails on an empty result). Arguments and errors as :func:`coco_evaluate`."""
     if iou_type != "bbox":
         raise ValueError(f"iou_type must be 'bbox', got {iou_type!r}")
     try:
@@ -96,7 +115,7 @@ def coco_evaluate(
             }
         )
     if not results:
-        return _metrics_without_detections(coco_gt)
+        return None
 
     quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
     with quiet:
@@ -108,9 +127,7 @@ def coco_evaluate(
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    return {
-        key: float(value) for key, value in zip(METRIC_KEYS, evaluator.stats[: len(METRIC_KEYS)])
-    }
+    return evaluator
 
 
 def _metrics_without_detections(coco_gt: dict[str, Any]) -> dict[str, float]:

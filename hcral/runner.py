@@ -39,6 +39,7 @@ from hcral.config import Config, ConfigError, config_to_dict, save_config, valid
 from hcral.data import (
     CocoDataset, DatasetError, DetectionDataset, SyntheticShapes, VOCDataset, YOLODataset, build_transforms, collate,
 )
+from hcral.data.base import SubsetDataset, holdout_indices
 from hcral.data.check import check_splits, collect_images, raise_if_problems
 from hcral.engine import evaluate, train_one_epoch
 from hcral.models.build import build_model
@@ -59,6 +60,26 @@ DRAW_SCORE_THR = 0.3
 def build_dataset(cfg: Config, *, train: bool, class_names: list[str] | None = None) -> DetectionDataset:
     """The training or validation set of ``cfg``, labelled with the run's one class list.
 
+    With ``data.holdout_fraction > 0`` both come from the training split: the training set is its
+    images outside the held-out draw and the validation set (with evaluation transforms) the
+    held-out images (:func:`~hcral.data.base.holdout_indices`).
+    """
+    d = cfg.data
+    if d.holdout_fraction == 0:
+        return _build_split(cfg, train=train, class_names=class_names)
+    full = _build_split(cfg, train=train, class_names=class_names, split_of_train=True)
+    held_out = holdout_indices(len(full), d.holdout_fraction, seed=d.holdout_seed)
+    if not train:
+        return SubsetDataset(full, held_out)
+    held = set(held_out)
+    return SubsetDataset(full, [i for i in range(len(full)) if i not in held])
+
+
+def _build_split(
+    cfg: Config, *, train: bool, class_names: list[str] | None = None, split_of_train: bool = False
+) -> DetectionDataset:
+    """The training or validation split of ``cfg`` as configured (no held-out part).
+
     The list is ``class_names`` (the training set's, or a checkpoint's), else ``data.class_names``,
     else, for the training set only, the classes its data holds. A validation set without a list
     is an error: its own list would number the classes differently from the model's.
@@ -69,8 +90,8 @@ def build_dataset(cfg: Config, *, train: bool, class_names: list[str] | None = N
     if d.dataset == "synthetic":
         size = (d.synthetic_size, d.synthetic_size)
         # Validation images come from a seed range the training set never uses.
-        seed = d.synthetic_seed if train else d.synthetic_seed + 1_000_003
-        count = d.synthetic_train if train else d.synthetic_val
+        seed = d.synthetic_seed if train or split_of_train else d.synthetic_seed + 1_000_003
+        count = d.synthetic_train if train or split_of_train else d.synthetic_val
         dataset = SyntheticShapes(
             count, image_size=size, num_classes=d.synthetic_classes, seed=seed, transforms=transforms
         )
@@ -86,13 +107,13 @@ def build_dataset(cfg: Config, *, train: bool, class_names: list[str] | None = N
             "checkpoint's class_names, or set data.class_names"
         )
     if d.dataset == "voc":
-        split = d.train_split if train else d.val_split
+        split = d.train_split if train or split_of_train else d.val_split
         return VOCDataset(d.root, split, class_names=names, transforms=transforms)
     if d.dataset == "yolo":
         # Labels are indices into data.yaml's names, so a given list must equal them.
-        split = d.train_split if train else d.val_split
+        split = d.train_split if train or split_of_train else d.val_split
         return YOLODataset(d.root, split, class_names=names, transforms=transforms)
-    ann, images = (d.train_ann, d.train_images) if train else (d.val_ann, d.val_images)
+    ann, images = (d.train_ann, d.train_images) if train or split_of_train else (d.val_ann, d.val_images)
     return CocoDataset(ann, images, class_names=names, transforms=transforms)
 
 
@@ -358,6 +379,7 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True) -> dict[s
         nonlocal saved_iter
         saved_iter = position["global_iter"]
 
+    grad_share = unwrap(model).head.grad_share  # train.log_grad_share
     bar = _progress(total_iters, global_iter, progress and main)
     started = time.perf_counter()
     steps_this_run = 0
@@ -371,6 +393,8 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True) -> dict[s
         rate = (time.perf_counter() - started) / steps_this_run
         record.update(iter=it, epoch=position["epoch"], eta_s=round(rate * (total_iters - it), 1))
         if it % cfg.train.log_interval == 0 or it == total_iters:
+            if grad_share is not None:  # sums since the last record; every rank reads (DDP all-reduce)
+                record.update(grad_share.pop())
             log.write(record)
         bar.update(1)
         bar.set_postfix({k[5:] if k.startswith("loss_") else k: f"{v:.3f}" for k, v in record.items() if k.startswith("loss")})

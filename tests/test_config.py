@@ -104,3 +104,13 @@ def test_hcral_defaults_are_the_same_everywhere():
     for fn in (eatss_assign, eatss_assign_batched):
         assert inspect.signature(fn).parameters["max_extra"].default == D.EATSS_MAX_EXTRA
     assert RetinaNetHead.default_hcra_gamma == D.HCRA_GAMMA_RETINANET
+
+
+def test_the_fused_path_refuses_the_focal_base_and_scale_preserving_weights():
+    from hcral.config import ConfigError, load_config
+
+    for extra in ("loss.hcra_cls_base=focal", "loss.hcra_cls_normalize=true"):
+        with pytest.raises(ConfigError, match="loss.hcra_fused=true computes only HCRA-C"):
+            load_config(overrides=["loss.cls=hcra_c", "loss.hcra_fused=true", extra])
+    with pytest.raises(ConfigError, match="'ghm', 'focal'"):
+        load_config(overrides=["loss.hcra_cls_base=bce"])

@@ -691,3 +691,37 @@ def test_collate_pads_to_multiple_of_divisor() -> None:
     assert collate([(images[0], targets[0])], size_divisor=1)[0].shape == (1, 3, 100, 150)
     with pytest.raises(ValueError, match="empty batch"):
         collate([])
+
+
+# ---- a held-out part of the training split (data.holdout_fraction) ---------------------------
+
+
+def test_holdout_splits_the_training_split_and_never_reads_val(tmp_path):
+    from hcral.config import ConfigError, load_config
+    from hcral.data.base import holdout_indices
+    from hcral.runner import build_splits
+
+    overrides = ["data.synthetic_train=10", "data.synthetic_val=4", "data.synthetic_size=64", "data.flip_prob=1.0"]
+    full_train, _ = build_splits(load_config(overrides=overrides))
+    cfg = load_config(overrides=[*overrides, "data.holdout_fraction=0.3", "data.holdout_seed=5"])
+    train, val = build_splits(cfg)
+    assert (len(train), len(val)) == (7, 3)
+    held = holdout_indices(10, 0.3, seed=5)
+    assert held == sorted(held) and held == holdout_indices(10, 0.3, seed=5) != holdout_indices(10, 0.3, seed=6)
+    # Disjoint, together the whole training split, and nothing from the validation split.
+    train_ids, val_ids = set(train.image_ids), set(val.image_ids)
+    assert not train_ids & val_ids and train_ids | val_ids == set(full_train.image_ids)
+    assert val_ids == {full_train.get_record(i).image_id for i in held}
+    assert torch.equal(val.load_image(0), full_train.load_image(held[0]))  # pixels of the training split
+    # The held-out images get the evaluation transforms (no flip), the rest the training ones.
+    image, target = val[0]
+    assert not target["flipped"]
+    unflipped, _ = build_splits(load_config(overrides=[*overrides, "data.flip_prob=0.0"]))
+    assert torch.equal(target["boxes"], unflipped[held[0]][1]["boxes"])
+    assert train[0][1]["flipped"]
+    assert len(val.coco_gt()["images"]) == 3
+    with pytest.raises(ConfigError, match="data.holdout_fraction=1.0"):
+        load_config(overrides=[*overrides, "data.holdout_fraction=1.0"])
+    with pytest.raises(ValueError, match="at least 2 images"):
+        holdout_indices(1, 0.5)
+    assert holdout_indices(3, 0.01) == holdout_indices(3, 0.01)[:1] and len(holdout_indices(3, 0.99)) == 2

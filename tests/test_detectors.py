@@ -95,11 +95,14 @@ def test_loss_goes_down_on_a_tiny_overfit_set(tmp_path):
     def total(rows, name):
         return sum(h[name] for h in rows)
 
-    assert total(last, "loss_reg") < 0.6 * total(first, "loss_reg")
+    # FCOS+ATSS starts from the prior squares (GIoU loss ≈ 1.2, not ≈ 2 for zero-size boxes), so
+    # the regression loss has less to lose in 40 steps than the classification loss.
+    assert total(last, "loss_reg") < 0.85 * total(first, "loss_reg")
     # GHM's moving average starts at zero, which inflates the first values; compare from step 3.
     assert total(last, "loss_cls") < 0.6 * total(history[3:6], "loss_cls")
     # Centerness is a BCE against soft targets: its floor is their entropy (~0.6 here), not 0.
-    assert total(last, "loss_centerness") < 0.97 * total(first, "loss_centerness")
+    # Centerness BCE has a floor at its soft targets' entropy (≈ 0.6 a term), so it moves little.
+    assert total(last, "loss_centerness") < 0.99 * total(first, "loss_centerness")
 
 
 def test_train_writes_run_folder_and_eval_and_predict_work(tmp_path):
@@ -258,3 +261,63 @@ def test_fused_hcra_c_in_the_head_equals_eager(tmp_path):
         images, targets = collate([dataset[i] for i in range(2)], size_divisor=32)
         losses[fused] = model(images, targets)["loss_cls"]
     torch.testing.assert_close(losses[True], losses[False])
+
+
+# ---- fidelity to the reference heads (issue 13, section 1) ------------------------------------
+
+
+def test_fcos_atss_first_boxes_are_the_prior_squares(tmp_path):
+    # The official ATSS point mode: bias 4 under the stride-normalised decode, so before training
+    # each point's box is its 8·stride assigner square (and not a zero-size box with IoU ≈ 0).
+    cfg = tiny_config(tmp_path, "model.detector=fcos_atss")
+    model = build_model(cfg, 3)
+    head = model.head
+    torch.nn.init.zeros_(head.reg_out.weight)  # the bias alone (weights are N(0, 0.01) noise)
+    images, _ = collate([build_dataset(cfg, train=True)[0]], size_divisor=32)
+    feats = model.neck(model.backbone(images))
+    _, reg, _, sizes = head(feats)
+    layout = head.prior_layout(sizes, reg.device)
+    torch.testing.assert_close(head.decode(layout, reg)[0], layout.assign_boxes)
+
+
+@pytest.mark.parametrize(("detector", "assigner", "nms_iou"), [("retinanet", "max_iou", 0.5), ("atss", "atss", 0.6), ("fcos_atss", "atss", 0.6)])
+def test_nms_iou_follows_the_detector_unless_set(tmp_path, monkeypatch, detector, assigner, nms_iou):
+    import hcral.models.heads.dense_head as dense_head
+
+    seen = []
+
+    def spy(*args, iou_threshold, **kwargs):
+        seen.append(iou_threshold)
+        return real(*args, iou_threshold=iou_threshold, **kwargs)
+
+    real = dense_head.select_detections
+    monkeypatch.setattr(dense_head, "select_detections", spy)
+    for extra, expected in (([], nms_iou), (["eval.nms_iou=0.45"], 0.45)):
+        cfg = tiny_config(tmp_path, f"model.detector={detector}", f"loss.assigner={assigner}", *extra)
+        model = build_model(cfg, 3).eval()
+        images, targets = collate([build_dataset(cfg, train=False, class_names=None)[0]], size_divisor=32)
+        model(images, image_sizes=[t["size"] for t in targets])
+        assert seen[-1] == expected
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_focal_base_in_the_head_reduces_to_focal_loss(tmp_path, normalize):
+    # loss.hcra_cls_base=focal with both modules off is the head's focal loss, §3c or not.
+    torch.manual_seed(0)
+    losses = {}
+    for name, extra in (
+        ("focal", ["loss.cls=focal"]),
+        ("rci_cf_focal", ["loss.cls=hcra_c", "loss.hcra_cls_base=focal", "loss.hcra_cls_rci=false",
+                          "loss.hcra_cls_cf=false", f"loss.hcra_cls_normalize={str(normalize).lower()}"]),
+    ):
+        cfg = tiny_config(tmp_path, "model.detector=fcos_atss", *extra)
+        torch.manual_seed(0)
+        model = build_model(cfg, 3).train()
+        images, targets = collate([build_dataset(cfg, train=True)[i] for i in range(2)], size_divisor=32)
+        losses[name] = model(images, targets)["loss_cls"]
+    assert torch.equal(losses["focal"], losses["rci_cf_focal"])
+    # And with the modules on it differs (the weights act).
+    cfg = tiny_config(tmp_path, "model.detector=fcos_atss", "loss.cls=hcra_c", "loss.hcra_cls_base=focal")
+    torch.manual_seed(0)
+    model = build_model(cfg, 3).train()
+    assert not torch.equal(model(images, targets)["loss_cls"], losses["focal"])

@@ -280,6 +280,7 @@ def test_model_figures_from_runs(tmp_path):
     assert bool((data["expanded"] <= data["pos"]).all())
     (curve,) = figures.make_figures(tmp_path / "img", ap_curves=list(runs.values()))  # the final evaluations
     assert _is_png(curve)
+    assert not any("grad_pos" in r for r in figures.read_log(runs["base"]))  # train.log_grad_share is off
 
 
 def test_ap_curve_figure_reads_the_evaluations_of_a_log(tmp_path):
@@ -295,6 +296,38 @@ def test_ap_curve_figure_reads_the_evaluations_of_a_log(tmp_path):
     (run / "log.jsonl").write_text(json.dumps(rows[0]) + "\n")
     with pytest.raises(ValueError, match="eval_interval"):
         figures.make_figures(tmp_path / "img", ap_curves=[run])
+
+
+def test_grad_share_is_logged_per_interval_and_plotted(tmp_path):
+    pytest.importorskip("matplotlib")
+    from hcral.cli import main
+    from hcral.experiments import figures
+    from hcral.runner import train
+
+    run = tmp_path / "run"
+    extra = ["loss.cls=hcra_c", "loss.hcra_cls_base=focal", "loss.hcra_cls_normalize=true"]
+    steps = ["data.synthetic_train=6", "train.max_iters=3", "train.log_interval=2", "train.log_grad_share=true"]
+    train(ablate.load_config(None, [*TINY, *steps, *extra, f"out_dir={run}"]), progress=False)
+    rows = [r for r in figures.read_log(run) if "loss" in r]
+    assert [(r["iter"], r["grad_iters"]) for r in rows] == [(2, 2), (3, 1)]  # sums over each interval
+    for r in rows:
+        assert r["grad_pos"] > 0 and r["grad_neg"] > 0
+        for side in ("pos", "neg"):
+            assert r[f"grad_{side}"] == pytest.approx(r[f"grad_{side}_r1"] + r[f"grad_{side}_r2"])
+            assert r[f"grad_n_{side}"] == r[f"grad_n_{side}_r1"] + r[f"grad_n_{side}_r2"]
+    # Same input size every step: the same number of elements per iteration.
+    per_iter = [(r["grad_n_pos"] + r["grad_n_neg"]) / r["grad_iters"] for r in rows]
+    assert per_iter[0] == per_iter[1] > 0
+    curves = figures.grad_share_curves(run)
+    assert curves["iter"] == [2, 3]
+    assert curves["neg_share"][0] == pytest.approx(rows[0]["grad_neg"] / (rows[0]["grad_pos"] + rows[0]["grad_neg"]))
+    assert main(["figures", "--grad-share", str(run), "--out", str(tmp_path / "img")]) == 0
+    assert _is_png(tmp_path / "img" / "grad_share.png")
+    # A run trained without the switch is named, with the setting to use.
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "log.jsonl").write_text(json.dumps({"iter": 1, "loss": 1.0}) + "\n")
+    with pytest.raises(ValueError, match="train.log_grad_share=true"):
+        figures.make_figures(tmp_path / "img", grad_share=[tmp_path / "plain"])
 
 
 if __name__ == "__main__":

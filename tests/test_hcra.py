@@ -440,3 +440,121 @@ def test_hcra_reg_module_and_errors():
         L.hcra_reg_loss(pred, target, scores, h[:2])
     with pytest.raises(ValueError, match="eps must be > 0"):
         L.hcra_reg_loss(pred, target, scores, eps=0.0)
+
+
+# ---- §3b (RCI and CF on a focal base) and §3c (scale-preserving weights) ---------------------
+
+
+@pytest.mark.parametrize("use_valid", [False, True])
+def test_focal_base_without_modules_is_focal_loss_exactly(use_valid):
+    # §3b reduction: ω ≡ 1 and w ≡ 1 give focal loss, values and gradients, with the head's
+    # per-prior valid mask and num_pos.
+    logits, targets, ious = _cls_inputs(seed=21)
+    valid = torch.arange(16) % 3 != 0 if use_valid else None
+    num_pos = torch.tensor(5.0, dtype=torch.float64)
+    x1, x2 = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    ours = L.hcra_cls_loss(x1, targets, ious, valid, base="focal", use_rci=False, use_cf=False, avg_factor=num_pos)
+    weight = None if valid is None else valid.double()
+    focal = L.sigmoid_focal_loss(x2, targets, weight=weight, avg_factor=num_pos)
+    assert torch.equal(ours, focal)
+    ours.backward()
+    focal.backward()
+    assert torch.equal(x1.grad, x2.grad)
+    # θ = 0 with use_cf=False is the same reduction, and so is §3c on top of it (ŵ of 1 is 1).
+    for kw in (dict(theta=0.0, use_cf=False), dict(theta=0.0, use_cf=False, normalize=True)):
+        again = L.hcra_cls_loss(logits, targets, ious, valid, base="focal", avg_factor=num_pos, **kw)
+        torch.testing.assert_close(again, focal.detach(), rtol=1e-15, atol=0)
+
+
+def test_focal_base_equals_formula_and_default_normaliser():
+    logits, targets, ious = _cls_inputs(seed=22)
+    valid = torch.arange(16) % 5 != 0
+    _, omega, w = L.cls_weights(logits, targets, ious, valid)
+    p = logits.sigmoid()
+    p_t = torch.where(targets > 0, p, 1 - p)
+    a = 0.3 * targets + 0.7 * (1 - targets)
+    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    num_pos = (targets * valid[:, None]).sum()  # the default: valid positive elements
+    expected = (a * (1 - p_t) ** 1.5 * omega * w * bce)[valid].sum() / num_pos
+    got = L.hcra_cls_loss(logits, targets, ious, valid, base="focal", focal_alpha=0.3, focal_gamma=1.5)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+    # The gradient treats ω·w as constants and keeps focal loss's own modulating-factor gradient.
+    x = logits.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(L.hcra_cls_loss(x, targets, ious, valid, base="focal"), x)
+    y = logits.clone().requires_grad_()
+    fl = L.sigmoid_focal_loss(y, targets, weight=omega * w * valid[:, None], avg_factor=num_pos)
+    (expected_grad,) = torch.autograd.grad(fl, y)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-15)
+
+
+def test_focal_base_module_and_names():
+    logits, targets, ious = _cls_inputs(seed=23, dtype=torch.float32)
+    module = L.HCRAClassificationLoss(base="focal", loss_weight=2.0)
+    torch.testing.assert_close(
+        module(logits, targets, ious, avg_factor=4.0), 2.0 * L.hcra_cls_loss(logits, targets, ious, base="focal", avg_factor=4.0)
+    )
+    assert module.acc_sum.sum() == 0  # the GHM state is not touched by the focal base
+    assert module.name == "RCI+CF on focal loss" and "base='focal'" in repr(module)
+    assert L.HCRAClassificationLoss().name == "HCRA-C"
+    assert L.HCRAClassificationLoss(normalize=True).name == "HCRA-C, scale-preserving"
+    with pytest.raises(ValueError, match="avg_factor belongs to the focal base"):
+        L.HCRAClassificationLoss()(logits, targets, ious, avg_factor=4.0)
+    with pytest.raises(ValueError, match="base must be one of"):
+        L.HCRAClassificationLoss(base="bce")
+    with pytest.raises(ValueError, match="only HCRA-C on its GHM-C base"):
+        L.FusedHCRAClassificationLoss(base="focal")
+
+
+@pytest.mark.parametrize("base", ["ghm", "focal"])
+def test_scale_preserving_weights(base):
+    # §3c: ŵ = ω·w / mean over its group's valid elements, so each non-empty group's mean is 1.
+    logits, targets, ious = _cls_inputs(n=40, seed=24)
+    valid = torch.arange(40) % 7 != 0
+    _, omega, w = L.cls_weights(logits, targets, ious, valid)
+    m = omega * w
+    v = valid[:, None].expand_as(m)
+    pos, neg = (targets > 0) & v, (targets == 0) & v
+    w_hat = torch.where(targets > 0, m / m[pos].mean(), m / m[neg].mean())
+    torch.testing.assert_close(w_hat[pos].mean(), torch.tensor(1.0, dtype=torch.float64))
+    torch.testing.assert_close(w_hat[neg].mean(), torch.tensor(1.0, dtype=torch.float64))
+    beta, _, _ = L.cls_weights(logits, targets, ious, valid, use_rci=False, use_cf=False)
+    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    if base == "ghm":
+        expected = (beta * w_hat * bce)[valid].sum() / (valid.sum() * 4)
+    else:
+        p_t = torch.where(targets > 0, logits.sigmoid(), 1 - logits.sigmoid())
+        a = torch.where(targets > 0, 0.25, 0.75)
+        expected = (a * (1 - p_t) ** 2 * w_hat * bce)[valid].sum() / pos.sum()
+    got = L.hcra_cls_loss(logits, targets, ious, valid, base=base, normalize=True)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+
+
+def test_scale_preserving_constant_weights_and_empty_groups():
+    # Constant ω·w (u = 0 makes ω = 1; θ = 0 makes w = 1, scaled here by hand) gives ŵ ≡ 1, so the
+    # loss is the base loss; a group without elements (no positives) keeps its weights.
+    logits, targets, _ = _cls_inputs(seed=25)
+    zeros = torch.zeros_like(logits)
+    base = L.hcra_cls_loss(logits, targets, zeros, use_rci=False, use_cf=False)
+    torch.testing.assert_close(L.hcra_cls_loss(logits, targets, zeros, theta=0.0, normalize=True), base, rtol=1e-14, atol=0)
+    no_pos = torch.zeros_like(targets)
+    ious = torch.rand_like(logits)
+    plain = L.hcra_cls_loss(logits, no_pos, ious, base="focal", avg_factor=1.0, use_cf=False)
+    scaled = L.hcra_cls_loss(logits, no_pos, ious, base="focal", avg_factor=1.0, use_cf=False, normalize=True)
+    _, _, w = L.cls_weights(logits, no_pos, ious, use_cf=False)
+    torch.testing.assert_close(scaled, plain / w.mean(), rtol=1e-12, atol=0)
+    # Empty input: a zero in the graph, for both bases with §3c.
+    x = torch.zeros(0, 3, requires_grad=True)
+    for b in ("ghm", "focal"):
+        loss = L.hcra_cls_loss(x, torch.zeros(0, 3), torch.zeros(0, 3), base=b, normalize=True)
+        assert loss.item() == 0.0 and loss.requires_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_focal_base_half_precision(dtype):
+    logits, targets, ious = _cls_inputs(seed=26, dtype=torch.float32)
+    ref = L.hcra_cls_loss(logits, targets, ious, base="focal", normalize=True)
+    low = L.hcra_cls_loss(logits.to(dtype), targets.to(dtype), ious.to(dtype), base="focal", normalize=True)
+    assert low.dtype == torch.float32 and torch.isfinite(low)
+    torch.testing.assert_close(low, ref, rtol=2e-2, atol=1e-3)
+    extreme = torch.full((4, 3), 80.0, dtype=dtype)
+    assert torch.isfinite(L.hcra_cls_loss(extreme, torch.zeros(4, 3, dtype=dtype), torch.zeros(4, 3, dtype=dtype), base="focal"))

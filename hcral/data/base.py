@@ -290,3 +290,39 @@ class DetectionDataset(Dataset):
             {"id": cat_id, "name": name} for cat_id, name in zip(self.cat_ids, self.class_names)
         ]
         return {"images": images, "annotations": annotations, "categories": categories}
+
+
+class SubsetDataset(DetectionDataset):
+    """Images ``indices`` of ``dataset``, with its classes and records, under ``transforms``."""
+
+    def __init__(self, dataset: DetectionDataset, indices: Sequence[int], transforms: Transform | None = None) -> None:
+        super().__init__(transforms if transforms is not None else dataset.transforms)
+        self.dataset, self.indices = dataset, [int(i) for i in indices]
+        self.class_names, self.cat_ids = dataset.class_names, dataset.cat_ids
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def get_record(self, index: int) -> ImageRecord:
+        return self.dataset.get_record(self.indices[index])
+
+    def image_hw(self, index: int) -> tuple[int, int]:
+        return self.dataset.image_hw(self.indices[index])
+
+    def load_image(self, index: int) -> Tensor:
+        return self.dataset.load_image(self.indices[index])
+
+    def _load(self, index: int) -> tuple[Tensor, ImageRecord]:
+        return self.dataset._load(self.indices[index])
+
+
+def holdout_indices(size: int, fraction: float, *, seed: int = 0) -> list[int]:
+    """The sorted indices of a held-out ``fraction`` of ``size`` images: a fixed random draw of
+    ``round(fraction · size)`` of them (at least 1, and at least 1 left for training)."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"holdout fraction must be in (0, 1), got {fraction!r}")
+    if size < 2:
+        raise ValueError(f"holding out part of a split needs at least 2 images, got {size}")
+    count = min(max(round(fraction * size), 1), size - 1)
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))
+    return sorted(order[:count].tolist())

@@ -7,6 +7,9 @@
 - ``fig_priors_weights.png``: on one validation image, the priors with the largest RCI and CF
   weights of HCRA-C and HCRA-R, and the positives EATSS adds to ATSS (§5, Fig. 1's anchors C, D);
 - ``fig_loss_curves.png``: each logged loss term against the iteration, baseline and HCRAL.
+- ``ap_vs_iteration.png`` (``--ap-curves RUN...``): validation AP against the iteration;
+- ``grad_share.png`` (``--grad-share RUN...``): how the classification gradient splits between
+  positives and negatives and between RCI's regions, from runs trained with ``train.log_grad_share``.
 
 Every weight comes from :func:`hcral.losses.cls_weights` and :func:`hcral.losses.reg_weights`
 (no formula is re-derived here); per-prior data come from the head's public pieces (its forward
@@ -22,7 +25,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["make_figures", "omega_curve", "prior_data", "t_curve"]
+__all__ = ["grad_share_curves", "make_figures", "omega_curve", "prior_data", "t_curve"]
 
 # Curves of Fig. 3(b) and 3(c): the values of μ and γ drawn, and the IoU resolution.
 OMEGA_MUS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -244,12 +247,21 @@ def prior_data(run_dir: str | Path, *, image_index: int = 0) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def fig_score_iou(path: Path, runs: dict[str, Path], *, alpha: float) -> Path:
+def fig_score_iou(
+    path: Path,
+    panels: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    *,
+    alpha: float,
+    samples: str = "ATSS positives",
+    ylabel: str = "classification score p",
+    title: str = "Fig. 3(a): score vs IoU of the positives (validation images)",
+) -> Path:
+    """Fig. 3(a): one scatter panel per ``panels`` entry ``name: (iou (K,), score (K,))`` with the
+    line ``score = IoU + α`` and the share of points in each of its regions (§2)."""
     plt = _plt()
-    fig, axes = plt.subplots(1, len(runs), figsize=(4.6 * len(runs), 4.2), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.2), sharey=True, squeeze=False)
     line = [0.0, 1.0]
-    for ax, (name, run) in zip(axes[0], runs.items()):
-        iou, score = positives_score_iou(run)
+    for ax, (name, (iou, score)) in zip(axes[0], panels.items()):
         above = (score - iou - alpha > 0).float()
         ax.fill_between(line, [v + alpha for v in line], [1.0, 1.0], color="tab:red", alpha=0.08)
         ax.fill_between(line, [0.0, 0.0], [v + alpha for v in line], color="tab:blue", alpha=0.08)
@@ -262,16 +274,16 @@ def fig_score_iou(path: Path, runs: dict[str, Path], *, alpha: float) -> Path:
         mean_score = score.mean().item() if score.numel() else math.nan
         corr = torch.corrcoef(torch.stack((iou, score)))[0, 1].item() if iou.numel() > 1 else math.nan
         ax.set_title(
-            f"{name}\n{iou.numel()} ATSS positives: mean IoU {mean_iou:.2f}, mean score {mean_score:.2f}, "
+            f"{name}\n{iou.numel()} {samples}: mean IoU {mean_iou:.2f}, mean score {mean_score:.2f}, "
             f"Pearson r {corr:.2f}",
             fontsize=8,
         )
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
         ax.set_xlabel("IoU(predicted box, GT)")
-    axes[0][0].set_ylabel("classification score p")
+    axes[0][0].set_ylabel(ylabel)
     axes[0][0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, 0.9))
-    fig.suptitle("Fig. 3(a): score vs IoU of the positives (validation images)", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     return _save(fig, path)
 
 
@@ -377,6 +389,60 @@ def fig_ap_curves(path: Path, runs: dict[str, Path]) -> Path:
     return _save(fig, path)
 
 
+def _ratio(num: float, den: float) -> float:
+    return num / den if den > 0 else math.nan
+
+
+def grad_share_curves(run_dir: str | Path) -> dict[str, list[float]]:
+    """Per logged record of a run trained with ``train.log_grad_share=true``: the iteration, the
+    negatives' share of the classification gradient's mass, region 1's share within positives and
+    within negatives, and the mean |∂L/∂x| of a positive element over that of a negative one
+    (hcral/models/heads/grad_share.py; NaN where a group is empty)."""
+    rows = [r for r in read_log(run_dir) if "grad_pos" in r]
+    if not rows:
+        raise ValueError(f"{run_dir}/log.jsonl has no gradient share: train with train.log_grad_share=true")
+    return {
+        "iter": [r["iter"] for r in rows],
+        "neg_share": [_ratio(r["grad_neg"], r["grad_pos"] + r["grad_neg"]) for r in rows],
+        "pos_r1_share": [_ratio(r["grad_pos_r1"], r["grad_pos"]) for r in rows],
+        "neg_r1_share": [_ratio(r["grad_neg_r1"], r["grad_neg"]) for r in rows],
+        "pos_neg_mean_ratio": [
+            _ratio(_ratio(r["grad_pos"], r["grad_n_pos"]), _ratio(r["grad_neg"], r["grad_n_neg"])) for r in rows
+        ],
+    }
+
+
+def fig_grad_share(path: Path, runs: dict[str, Path]) -> Path:
+    """The gradient share of each run against the iteration (:func:`grad_share_curves`)."""
+    plt = _plt()
+    panels = {
+        "neg_share": "negatives' share of the mass",
+        "pos_r1_share": "region 1's share within positives",
+        "neg_r1_share": "region 1's share within negatives",
+        "pos_neg_mean_ratio": "mean |∂L/∂x|: positive / negative element",
+    }
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
+    for name, run in runs.items():
+        curves = grad_share_curves(run)
+        for ax, key in zip(axes, panels):
+            ax.plot(curves["iter"], curves[key], label=name, lw=1)
+    for ax, (key, title) in zip(axes, panels.items()):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+        if key == "pos_neg_mean_ratio":
+            ax.set_yscale("log")
+        else:
+            ax.set_ylim(0, 1)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(
+        "Classification gradient mass Σ|∂L/∂x| per group, summed over each log interval "
+        "(region 1: p − u − α > 0, formulation §2)",
+        fontsize=9,
+    )
+    return _save(fig, path)
+
+
 def make_figures(
     out: str | Path = "docs/img",
     *,
@@ -385,12 +451,19 @@ def make_figures(
     image_index: int = 0,
     only_curves: bool = False,
     ap_curves: list[str | Path] | None = None,
+    grad_share: list[str | Path] | None = None,
 ) -> list[Path]:
     """Write the figures into ``out``; the ones needing trained runs only if both run folders are
-    given. With ``ap_curves`` (run folders), only the AP-versus-iteration plot of those runs."""
+    given. With ``ap_curves`` and/or ``grad_share`` (run folders), only the AP-versus-iteration
+    and/or the gradient-share plot of those runs."""
     out = Path(out)
-    if ap_curves:
-        return [fig_ap_curves(out / "ap_vs_iteration.png", {Path(run).name: Path(run) for run in ap_curves})]
+    if ap_curves or grad_share:
+        paths = []
+        if ap_curves:
+            paths.append(fig_ap_curves(out / "ap_vs_iteration.png", {Path(run).name: Path(run) for run in ap_curves}))
+        if grad_share:
+            paths.append(fig_grad_share(out / "grad_share.png", {Path(run).name: Path(run) for run in grad_share}))
+        return paths
     paths = [fig_omega(out / "fig3b_omega.png"), fig_t(out / "fig3c_t.png")]
     if only_curves:
         return paths
@@ -403,7 +476,8 @@ def make_figures(
     from hcral.config import load_config
 
     alpha = load_config(Path(hcral_run) / "config.yaml").loss.hcra_alpha
-    paths.append(fig_score_iou(out / "fig3a_score_iou.png", runs, alpha=alpha))
+    points = {name: positives_score_iou(run) for name, run in runs.items()}
+    paths.append(fig_score_iou(out / "fig3a_score_iou.png", points, alpha=alpha))
     paths.append(fig_priors(out / "fig_priors_weights.png", Path(hcral_run), image_index=image_index))
     paths.append(fig_loss_curves(out / "fig_loss_curves.png", runs))
     return paths

@@ -245,9 +245,19 @@ class FusedHCRAClassificationLoss(HCRAClassificationLoss):
 
     def __init__(self, *, compiled: bool = True, **kwargs) -> None:
         super().__init__(**kwargs)
+        if self.base != "ghm" or self.normalize:
+            raise ValueError(
+                f"FusedHCRAClassificationLoss: fuses only HCRA-C on its GHM-C base without §3c, got "
+                f"base={self.base!r}, normalize={self.normalize}"
+            )
         self.compiled = compiled
 
-    def forward(self, logits: Tensor, targets: Tensor, ious: Tensor, valid: Tensor | None = None) -> Tensor:
+    def forward(
+        self, logits: Tensor, targets: Tensor, ious: Tensor, valid: Tensor | None = None, *, avg_factor: None = None
+    ) -> Tensor:
+        """``avg_factor`` is the focal base's (§3b), which the fused path does not compute: None only."""
+        if avg_factor is not None:
+            raise ValueError("FusedHCRAClassificationLoss: avg_factor belongs to the focal base (§3b)")
         loss = hcra_cls_loss_fused(
             logits, targets, ious, valid, alpha=self.alpha, theta=self.theta, mu=self.mu, bins=self.bins,
             use_rci=self.use_rci, use_cf=self.use_cf, momentum=self.momentum,

@@ -14,6 +14,7 @@ Weights are computed in float32 at least.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 from hcral.defaults import HCRA_ALPHA, HCRA_EP, HCRA_MU, HCRA_THETA
 from hcral.distributed import reduce_mean
 from hcral.losses._reduction import check_boxes, check_ndim, check_shape, upcast
+from hcral.losses.focal import sigmoid_focal_loss
 from hcral.losses.ghm import check_ghm_hparams, gather_beta, ghm_bins, weighted_bce_loss
 from hcral.ops.boxes import (
     EPS,
@@ -105,9 +107,14 @@ def rci(scores: Tensor, ious: Tensor, *, alpha: float = HCRA_ALPHA) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_cls_hparams(mu: float, *, where: str) -> None:
+HCRA_BASES = ("ghm", "focal")
+
+
+def _check_cls_hparams(mu: float, *, where: str, base: str = "ghm") -> None:
     if not 0.0 <= mu <= 1.0:
         raise ValueError(f"{where}: mu must be in [0, 1] (keeps ω in [0, 2]), got {mu!r}")
+    if base not in HCRA_BASES:
+        raise ValueError(f"{where}: base must be one of {HCRA_BASES} (§3, §3b), got {base!r}")
 
 
 def _check_cls_inputs(logits: Tensor, targets: Tensor, ious: Tensor, valid: Tensor | None, *, where: str) -> None:
@@ -155,6 +162,46 @@ def _rci_cls_weight_(scores: Tensor, targets: Tensor, ious: Tensor, *, alpha: fl
 
 
 @torch.no_grad()
+def _scale_preserving_(weight: Tensor, targets: Tensor, valid: Tensor | None) -> Tensor:
+    """§3c, ŵ = ω·w / mean over the valid elements of its group (p* = 1 or p* = 0); in place.
+
+    Means are over the batch this process sees (under DDP, per process). A group that is empty, or
+    whose weights are all 0, keeps its weights as they are (dividing by 1).
+    """
+    mask = targets if valid is None else targets * valid[:, None]  # valid positives
+    pos_sum, pos_count = (weight * mask).sum(), mask.sum()
+    mask = 1 - targets if valid is None else (1 - targets) * valid[:, None]  # valid negatives
+    neg_sum, neg_count = (weight * mask).sum(), mask.sum()
+    pos_mean = torch.where(pos_sum > 0, pos_sum / pos_count.clamp(min=1), 1.0)
+    neg_mean = torch.where(neg_sum > 0, neg_sum / neg_count.clamp(min=1), 1.0)
+    return weight.div_(torch.where(targets > 0, pos_mean, neg_mean))
+
+
+@torch.no_grad()
+def _module_weights(
+    probs: Tensor,
+    targets: Tensor,
+    ious: Tensor,
+    valid: Tensor | None,
+    *,
+    alpha: float,
+    theta: float,
+    mu: float,
+    use_rci: bool,
+    use_cf: bool,
+    normalize: bool,
+) -> Tensor | None:
+    """ω·w of §3 (ŵ of §3c with ``normalize``), detached; None when both modules are off (then ŵ
+    would be 1 too). ``probs`` = σ(x) is overwritten."""
+    omega = _cf_cls_weight(targets, ious, mu=mu) if use_cf else None
+    w = _rci_cls_weight_(probs, targets, ious, alpha=alpha, theta=theta) if use_rci else None
+    weight = w if omega is None else omega if w is None else omega.mul_(w)
+    if weight is not None and normalize:
+        weight = _scale_preserving_(weight, targets, valid)
+    return weight
+
+
+@torch.no_grad()
 def _cls_weights(
     logits: Tensor,
     targets: Tensor,
@@ -167,12 +214,14 @@ def _cls_weights(
     bins: int,
     use_rci: bool,
     use_cf: bool,
+    normalize: bool,
     momentum: float,
     acc_sum: Tensor | None,
     sync_counts: bool,
     where: str,
-) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
-    """(β, ω, w, normaliser T) of §3, detached, in float32 at least; ω / w are None when switched off.
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """(β, ω·w or ŵ, normaliser T) of §3 / §3c, detached, in float32 at least; the module weight is
+    None when both modules are off.
 
     Memory: at COCO shape an (N, C) float32 tensor is ~100 MB and each new one costs page faults, so
     the weights are built in place in as few buffers as possible: β in the buffer of g, w in the
@@ -186,9 +235,10 @@ def _cls_weights(
     g = torch.sub(p, t).abs_()
     hist = ghm_bins(g, valid, bins=bins, momentum=momentum, acc_sum=acc_sum, sync_counts=sync_counts, where=where)
     beta = gather_beta(hist, out=g)  # g is no longer needed: β takes its memory
-    omega = _cf_cls_weight(t, u, mu=mu) if use_cf else None
-    w = _rci_cls_weight_(p, t, u, alpha=alpha, theta=theta) if use_rci else None
-    return beta, omega, w, hist.normaliser
+    weight = _module_weights(
+        p, t, u, valid, alpha=alpha, theta=theta, mu=mu, use_rci=use_rci, use_cf=use_cf, normalize=normalize
+    )
+    return beta, weight, hist.normaliser
 
 
 def cls_weights(
@@ -213,11 +263,15 @@ def cls_weights(
     _check_cls_inputs(logits, targets, ious, valid, where=where)
     _check_cls_hparams(mu, where=where)
     _check_cls_values(logits, ious, where=where)
-    beta, omega, w, _ = _cls_weights(
-        logits, targets, ious, valid, alpha=alpha, theta=theta, mu=mu, bins=bins, use_rci=use_rci,
-        use_cf=use_cf, momentum=0.0, acc_sum=None, sync_counts=False, where=where,
+    beta, _, _ = _cls_weights(
+        logits, targets, ious, valid, alpha=alpha, theta=theta, mu=mu, bins=bins, use_rci=False,
+        use_cf=False, normalize=False, momentum=0.0, acc_sum=None, sync_counts=False, where=where,
     )  # fmt: skip
-    return beta, torch.ones_like(beta) if omega is None else omega, torch.ones_like(beta) if w is None else w
+    x = upcast(logits.detach())
+    t, u = targets.to(x.dtype), ious.detach().to(x.dtype)
+    omega = _cf_cls_weight(t, u, mu=mu) if use_cf else torch.ones_like(beta)
+    w = _rci_cls_weight_(torch.sigmoid(x), t, u, alpha=alpha, theta=theta) if use_rci else torch.ones_like(beta)
+    return beta, omega, w
 
 
 def _hcra_cls_loss(
@@ -236,27 +290,72 @@ def _hcra_cls_loss(
     acc_sum: Tensor | None,
     sync_counts: bool,
     where: str,
+    base: str = "ghm",
+    normalize: bool = False,
+    focal_alpha: float = 0.25,
+    focal_gamma: float = 2.0,
+    avg_factor: float | Tensor | None = None,
     check_values: bool = False,
 ) -> Tensor:
-    """§3: ``(1/T) Σ_{valid i, k} β·ω·w·BCE(x, p*)``; shared by the function and the module."""
+    """§3 ``(1/T) Σ β·ω·w·BCE`` or §3b ``(1/num_pos) Σ a·(1 - p_t)^γ·ω·w·BCE`` (ŵ for ω·w with §3c);
+    shared by the function and the module."""
     _check_cls_inputs(logits, targets, ious, valid, where=where)
-    _check_cls_hparams(mu, where=where)
+    _check_cls_hparams(mu, where=where, base=base)
     if check_values:
         _check_cls_values(logits, ious, where=where)
     x = upcast(logits)
     t = targets.to(x.dtype)
-    weight, omega, w, normaliser = _cls_weights(
+    if base == "focal":
+        return _focal_base_loss(
+            x, t, ious, valid, alpha=alpha, theta=theta, mu=mu, use_rci=use_rci, use_cf=use_cf,
+            normalize=normalize, focal_alpha=focal_alpha, focal_gamma=focal_gamma, avg_factor=avg_factor, where=where,
+        )  # fmt: skip
+    if avg_factor is not None:
+        raise ValueError(f"{where}: avg_factor belongs to the focal base (§3b); the GHM-C base divides by its own T")
+    weight, modules, normaliser = _cls_weights(
         x, t, ious, valid, alpha=alpha, theta=theta, mu=mu, bins=bins, use_rci=use_rci, use_cf=use_cf,
-        momentum=momentum, acc_sum=acc_sum, sync_counts=sync_counts, where=where,
+        normalize=normalize, momentum=momentum, acc_sum=acc_sum, sync_counts=sync_counts, where=where,
     )  # fmt: skip
-    # β·ω·w in β's buffer (the order of cls_weights' product). With both modules off the weight is β
-    # bit for bit, so the loss is ghmc_loss exactly (§3, reductions).
-    if omega is not None:
-        weight.mul_(omega)
-    if w is not None:
-        weight.mul_(w)
-    del omega, w  # free before the BCE allocates its own buffers
+    # β·(ω·w) in β's buffer. With both modules off the weight is β bit for bit, so the loss is
+    # ghmc_loss exactly (§3, reductions).
+    if modules is not None:
+        weight.mul_(modules)
+    del modules  # free before the BCE allocates its own buffers
     return weighted_bce_loss(x, t, weight, normaliser, where=where)
+
+
+def _focal_base_loss(
+    x: Tensor,
+    t: Tensor,
+    ious: Tensor,
+    valid: Tensor | None,
+    *,
+    alpha: float,
+    theta: float,
+    mu: float,
+    use_rci: bool,
+    use_cf: bool,
+    normalize: bool,
+    focal_alpha: float,
+    focal_gamma: float,
+    avg_factor: float | Tensor | None,
+    where: str,
+) -> Tensor:
+    """§3b: focal loss with the detached element weight ω·w (ŵ with §3c), over num_pos."""
+    with torch.no_grad():
+        modules = _module_weights(
+            torch.sigmoid(x.detach()), t, ious.detach().to(x.dtype), valid, alpha=alpha, theta=theta, mu=mu,
+            use_rci=use_rci, use_cf=use_cf, normalize=normalize,
+        )  # fmt: skip
+        # Invalid priors weigh 0. With both modules off the weight is the head's own per-prior
+        # mask, so the loss is the head's focal loss bit for bit (§3b, reductions).
+        mask = None if valid is None else valid.to(x.dtype)
+        weight = mask if modules is None else modules if mask is None else modules.mul_(mask[:, None])
+        if avg_factor is None:  # num_pos, as a focal-loss head passes it: the valid positive elements
+            avg_factor = (t if mask is None else t * mask[:, None]).sum().clamp(min=1)
+    return sigmoid_focal_loss(
+        x, t, alpha=focal_alpha, gamma=focal_gamma, weight=weight, reduction="mean", avg_factor=avg_factor
+    )
 
 
 def hcra_cls_loss(
@@ -271,13 +370,24 @@ def hcra_cls_loss(
     bins: int = 10,
     use_rci: bool = True,
     use_cf: bool = True,
+    base: Literal["ghm", "focal"] = "ghm",
+    normalize: bool = False,
+    focal_alpha: float = 0.25,
+    focal_gamma: float = 2.0,
+    avg_factor: float | Tensor | None = None,
 ) -> Tensor:
-    """HCRA-C, the classification loss of HCRAL (§3)::
+    """HCRA-C, the classification loss of HCRAL (§3), and RCI and CF on a focal base (§3b)::
 
-        L_cls = (1/T) Σ_{valid i, k} β·ω·w·BCE(x, p*)
+        base="ghm" (HCRA-C):   L_cls = (1/T) Σ_{valid i, k} β·ω·w·BCE(x, p*)
+        base="focal" (§3b):    L_cls = (1/num_pos) Σ_{valid i, k} a·(1 - p_t)^γ_f·ω·w·BCE(x, p*)
         β: GHM-C weight (no momentum here: T / n_b over the non-empty bins)
+        a = α_f for p* = 1 and 1 - α_f otherwise; p_t = p for p* = 1 and 1 - p otherwise
         ω = 1 + (2p* - 1)·u·(u - μ)²                    (CF_cls, use_cf)
         w = 2σ(θ·s·r), s = 1 - 2p*, r = p - u - α       (RCI_cls, use_rci)
+        normalize (§3c): ω·w -> ŵ = ω·w / mean of ω·w over the valid positives (p* = 1) or negatives
+
+    The focal base is the project's extension, not the paper's: report it as "RCI+CF on focal loss",
+    never as HCRA-C; ``normalize`` as "scale-preserving".
 
     Args:
         logits: ``(N, C)`` sigmoid logits x (fp16/bf16 are upcast; BCE in float32 at least).
@@ -285,16 +395,24 @@ def hcra_cls_loss(
         ious: ``(N, C)`` u in [0, 1] (§1; detached here). Values outside it, and non-finite
             logits, are a ``ValueError`` (one host sync; the module form skips this check).
         valid: ``(N,)`` bool mask of non-ignored priors, or None for all.
-        alpha, theta, mu, bins: §6 hyperparameters.
-        use_rci, use_cf: switch w and ω (both off: exactly :func:`~hcral.losses.ghm.ghmc_loss`).
+        alpha, theta, mu, bins: §6 hyperparameters (``bins``: GHM-C base only).
+        use_rci, use_cf: switch w and ω (both off: exactly :func:`~hcral.losses.ghm.ghmc_loss`, or
+            with ``base="focal"`` exactly :func:`~hcral.losses.focal.sigmoid_focal_loss`).
+        base: ``"ghm"`` (HCRA-C, §3) or ``"focal"`` (§3b).
+        normalize: the scale-preserving weights of §3c.
+        focal_alpha, focal_gamma: α_f and γ_f of the focal base.
+        avg_factor: the focal base's normaliser num_pos (default: the number of valid positive
+            elements, at least 1). Not accepted with the GHM-C base, which divides by its own T.
 
     Returns:
-        A scalar normalised by T (the number of valid elements, at least 1). Empty input or a mask
-        that excludes everything gives a zero that stays in the autograd graph.
+        A scalar. Empty input or a mask that excludes everything gives a zero that stays in the
+        autograd graph.
     """
     return _hcra_cls_loss(
         logits, targets, ious, valid, alpha=alpha, theta=theta, mu=mu, bins=bins, use_rci=use_rci,
-        use_cf=use_cf, momentum=0.0, acc_sum=None, sync_counts=False, where="hcra_cls_loss", check_values=True,
+        use_cf=use_cf, momentum=0.0, acc_sum=None, sync_counts=False, where="hcra_cls_loss", base=base,
+        normalize=normalize, focal_alpha=focal_alpha, focal_gamma=focal_gamma, avg_factor=avg_factor,
+        check_values=True,
     )  # fmt: skip
 
 
@@ -325,30 +443,53 @@ class HCRAClassificationLoss(nn.Module):
         momentum: float = 0.75,
         use_rci: bool = True,
         use_cf: bool = True,
+        base: Literal["ghm", "focal"] = "ghm",
+        normalize: bool = False,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
         loss_weight: float = 1.0,
         sync_counts: bool = True,
     ) -> None:
         super().__init__()
         where = "HCRAClassificationLoss"
         check_ghm_hparams(bins, momentum, where=where)
-        _check_cls_hparams(mu, where=where)
+        _check_cls_hparams(mu, where=where, base=base)
         self.alpha, self.theta, self.mu, self.bins, self.momentum = alpha, theta, mu, bins, momentum
         self.use_rci, self.use_cf, self.loss_weight, self.sync_counts = use_rci, use_cf, loss_weight, sync_counts
+        self.base, self.normalize, self.focal_alpha, self.focal_gamma = base, normalize, focal_alpha, focal_gamma
+        # The GHM-C base's moving average; kept (unused) with the focal base so checkpoints have the same keys.
         self.register_buffer("acc_sum", torch.zeros(bins))
 
-    def forward(self, logits: Tensor, targets: Tensor, ious: Tensor, valid: Tensor | None = None) -> Tensor:
+    @property
+    def name(self) -> str:
+        """How results of this loss are reported: HCRA-C only on its own GHM-C base (§3b, §3c)."""
+        name = "HCRA-C" if self.base == "ghm" else "RCI+CF on focal loss"
+        return f"{name}, scale-preserving" if self.normalize else name
+
+    def forward(
+        self,
+        logits: Tensor,
+        targets: Tensor,
+        ious: Tensor,
+        valid: Tensor | None = None,
+        *,
+        avg_factor: float | Tensor | None = None,
+    ) -> Tensor:
+        """``avg_factor``: the focal base's num_pos (§3b); not accepted with the GHM-C base."""
         loss = _hcra_cls_loss(
             logits, targets, ious, valid, alpha=self.alpha, theta=self.theta, mu=self.mu, bins=self.bins,
             use_rci=self.use_rci, use_cf=self.use_cf, momentum=self.momentum,
             acc_sum=self.acc_sum if self.momentum > 0 else None, sync_counts=self.sync_counts,
-            where="HCRAClassificationLoss",
+            where="HCRAClassificationLoss", base=self.base, normalize=self.normalize,
+            focal_alpha=self.focal_alpha, focal_gamma=self.focal_gamma, avg_factor=avg_factor,
         )  # fmt: skip
         return self.loss_weight * loss
 
     def extra_repr(self) -> str:
         return (
-            f"alpha={self.alpha}, theta={self.theta}, mu={self.mu}, bins={self.bins}, momentum={self.momentum}, "
-            f"use_rci={self.use_rci}, use_cf={self.use_cf}, loss_weight={self.loss_weight}, "
+            f"base={self.base!r}, normalize={self.normalize}, alpha={self.alpha}, theta={self.theta}, mu={self.mu}, "
+            f"bins={self.bins}, momentum={self.momentum}, use_rci={self.use_rci}, use_cf={self.use_cf}, "
+            f"focal_alpha={self.focal_alpha}, focal_gamma={self.focal_gamma}, loss_weight={self.loss_weight}, "
             f"sync_counts={self.sync_counts}"
         )
 

@@ -73,5 +73,6 @@ def build_model(cfg: Config, num_classes: int) -> Detector:
         prior_prob=m.prior_prob,
         loss=cfg.loss,
         test=cfg.eval,
+        log_grad_share=cfg.train.log_grad_share,
     )
     return Detector(backbone, neck, head)

@@ -33,6 +33,7 @@ from hcral import losses as L
 from hcral.assign import Assignment
 from hcral.config import EvalConfig, LossConfig
 from hcral.distributed import reduce_mean
+from hcral.models.heads.grad_share import GradShareMeter
 from hcral.models.postprocess import select_detections
 from hcral.ops.boxes import aligned_iou, box_centers, box_iou, clip_boxes
 
@@ -102,6 +103,11 @@ class DenseHead(nn.Module):
     with_centerness: bool = True  # on the regression tower, as ATSS and FCOS (centerness_on_reg)
     use_scales: bool = True
     default_hcra_gamma: float = 0.0
+    # NMS IoU when eval.nms_iou is None: the detector's reference config (ATSS's 0.6 by default).
+    default_nms_iou: float = 0.6
+    # Initial bias of the regression output (0: the first boxes are the priors' own, as MMDetection's
+    # anchor heads with delta coding).
+    reg_bias_init: float = 0.0
 
     def __init__(
         self,
@@ -116,6 +122,7 @@ class DenseHead(nn.Module):
         gn_groups: int = 32,
         loss: LossConfig | None = None,
         test: EvalConfig | None = None,
+        log_grad_share: bool = False,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
@@ -134,6 +141,8 @@ class DenseHead(nn.Module):
         self.scales = nn.ModuleList(Scale() for _ in self.strides) if self.use_scales else None
         self._init_weights(prior_prob)
         self.cls_loss_module = self._build_cls_loss()
+        # train.log_grad_share: the classification gradient's mass per group (grad_share.py).
+        self.grad_share = GradShareMeter(alpha=self.loss_cfg.hcra_alpha) if log_grad_share else None
 
     def _init_weights(self, prior_prob: float) -> None:
         # Normal(0, 0.01) convs and the focal-loss prior bias (Lin et al. 2017, §4.1): every prior
@@ -144,6 +153,7 @@ class DenseHead(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
         nn.init.constant_(self.cls_out.bias, -math.log((1 - prior_prob) / prior_prob))
+        nn.init.constant_(self.reg_out.bias, self.reg_bias_init)
 
     def _build_cls_loss(self) -> nn.Module | None:
         """GHM-C and HCRA-C keep a moving-average histogram (state in checkpoints); others are functions."""
@@ -154,6 +164,8 @@ class DenseHead(nn.Module):
             kwargs = dict(
                 alpha=c.hcra_alpha, theta=c.hcra_theta, mu=c.hcra_mu, bins=c.ghm_bins,
                 momentum=c.ghm_momentum, use_rci=c.hcra_cls_rci, use_cf=c.hcra_cls_cf,
+                base=c.hcra_cls_base, normalize=c.hcra_cls_normalize,
+                focal_alpha=c.focal_alpha, focal_gamma=c.focal_gamma,
             )
             return L.FusedHCRAClassificationLoss(**kwargs) if c.hcra_fused else L.HCRAClassificationLoss(**kwargs)
         return None
@@ -220,7 +232,8 @@ class DenseHead(nn.Module):
             gt_index = torch.full((b, n), -1, dtype=torch.long, device=cls_logits.device)
             labels = torch.full((b, n), -1, dtype=torch.long, device=cls_logits.device)
             target_boxes = torch.zeros(b, n, 4, device=cls_logits.device)
-            ious_u = torch.zeros(b, n, c, device=cls_logits.device) if self.loss_cfg.cls == "hcra_c" else None
+            need_u = self.loss_cfg.cls == "hcra_c" or self.grad_share is not None
+            ious_u = torch.zeros(b, n, c, device=cls_logits.device) if need_u else None
             for i, t in enumerate(targets):
                 a = self.assign(layout, t, detached_boxes[i], scores[i])
                 gt_index[i], labels[i] = a.gt_index, a.labels
@@ -250,6 +263,8 @@ class DenseHead(nn.Module):
         if ious_u is not None:
             # §1: a positive at its class is held to the IoU with its own assigned GT.
             ious_u[pos_b, pos_i, pos_labels] = pos_iou
+        if self.grad_share is not None and cls_logits.requires_grad:
+            self.grad_share.watch(cls_logits, onehot, valid, scores, ious_u)
 
         terms = {
             "loss_cls": self._cls_loss(cls_logits, onehot, soft, ious_u, valid, num_pos),
@@ -276,7 +291,11 @@ class DenseHead(nn.Module):
         flat = logits.reshape(-1, self.num_classes)
         valid_flat = valid.reshape(-1)
         if c.cls == "hcra_c":
-            return self.cls_loss_module(flat, onehot.reshape(flat.shape), ious_u.reshape(flat.shape), valid_flat)
+            # §3b divides by num_pos as focal loss does; HCRA-C by its own T.
+            avg_factor = num_pos if c.hcra_cls_base == "focal" else None
+            return self.cls_loss_module(
+                flat, onehot.reshape(flat.shape), ious_u.reshape(flat.shape), valid_flat, avg_factor=avg_factor
+            )
         if c.cls == "ghmc":
             return self.cls_loss_module(flat, onehot.reshape(flat.shape), valid_flat)
         weight = valid_flat.float()  # (B*N,): one weight per prior, broadcast over classes by the losses
@@ -329,6 +348,7 @@ class DenseHead(nn.Module):
         scores = cls_logits.float().sigmoid_()  # in place: the (B, N, C) logits are not needed any more
         ctr = ctr_logits.float().sigmoid() if ctr_logits is not None else None
         t = self.test_cfg
+        nms_iou = self.default_nms_iou if t.nms_iou is None else t.nms_iou
         results = []
         for i, size in enumerate(image_sizes):
             per_level = layout.num_level_priors
@@ -337,7 +357,7 @@ class DenseHead(nn.Module):
             lvl_ctr = list(ctr[i].split(per_level)) if ctr is not None else None
             det_boxes, det_scores, det_labels = select_detections(
                 lvl_scores, lvl_boxes, nms_pre=t.nms_pre, score_thr=t.score_thr,
-                iou_threshold=t.nms_iou, max_per_img=t.max_per_img, score_factors=lvl_ctr,
+                iou_threshold=nms_iou, max_per_img=t.max_per_img, score_factors=lvl_ctr if t.use_centerness else None,
             )
             results.append({"boxes": det_boxes, "scores": det_scores, "labels": det_labels})
         return results

@@ -25,6 +25,10 @@ class FCOSATSSHead(DenseHead):
         strides = kwargs.get("strides", (8, 16, 32, 64, 128))
         self.point_generator = PointGenerator(strides)
         self.prior_box_side = prior_box_side
+        # The official ATSS code's point mode: a bias of side/2 (4) under the stride-normalised
+        # decode makes the first box the 8·stride prior square, not a zero-size box whose IoU ≈ 0
+        # would starve EATSS step 3, u of HCRA-C and q of HCRA-R early in training.
+        self.reg_bias_init = prior_box_side / 2
         super().__init__(num_classes, in_channels, num_base_priors=1, **kwargs)
 
     def prior_layout(self, feat_sizes: list[tuple[int, int]], device: torch.device) -> PriorLayout:

@@ -19,6 +19,7 @@ class RetinaNetHead(AnchorHead):
     with_centerness = False
     use_scales = False
     default_hcra_gamma = HCRA_GAMMA_RETINANET  # formulation §6
+    default_nms_iou = 0.5  # MMDetection's RetinaNet config
 
     def __init__(
         self,
