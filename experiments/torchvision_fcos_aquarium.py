@@ -29,17 +29,18 @@ One deviation from torchvision's head: the bias of the box regression output sta
 head's ReLU on the regression output and a zero bias leave some initialisations with degenerate
 boxes (width or height 0) at almost every positive, where GIoU has no gradient but the one of its
 enclosing-box penalty, which shrinks the box further: the branch never learns. Measured with
-seed 0 here: ``bbox_regression`` stayed at 1.000 through iteration 30, and after 120 iterations the
-predicted boxes had zero width or height and AP was 0; seeds 1 and 3 recovered (0.65 and 0.70 at
-iteration 40); with the bias at 1, seed 0 was at 0.61 at iteration 40. Both arms
-start from the same initialisation for a seed. ``--bbox-reg-bias 0`` restores torchvision's.
+seed 0 and focal loss here: ``bbox_regression`` stayed at 1.000 through iteration 30, at iteration
+60 the predicted boxes had zero width or height, and AP after 120 iterations was 0; seeds 1 and 3
+recovered (0.65 and 0.70 at iteration 40); with the bias at 1, seed 0 was at 0.61 at iteration 40
+and reached AP 4.3 after 120 iterations. Both arms start from the same initialisation for a seed.
+``--bbox-reg-bias 0`` restores torchvision's.
 
 Output. One JSON per run, ``<results>/<cls>_<reg>_seed<k>.json`` (AP, AP50, AP75 and the other COCO
 metrics, iterations, seconds, settings), written atomically when the run has finished; a run whose
-JSON exists with the same settings (config, ``--max-iters``, ``--bbox-reg-bias``) is skipped, so an interrupted study continues with the next missing
-run (a run itself restarts from the beginning). Then ``summary.json`` and ``summary.md``: per arm
-mean and standard deviation over seeds, and the paired difference hcra_c - focal with its 95%
-Student-t interval (hcral.experiments.stats).
+JSON exists with the same settings (config, ``--max-iters``, ``--bbox-reg-bias``) is skipped, so an
+interrupted study continues with the next missing run (a run itself restarts from the beginning).
+Then ``summary.json`` and ``summary.md``: per arm mean and standard deviation over seeds, and the
+paired difference hcra_c - focal with its 95% Student-t interval (hcral.experiments.stats).
 """
 
 from __future__ import annotations
@@ -104,14 +105,17 @@ class TimmFPN(nn.Module):
         return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(self.body(x))))
 
 
-def build_detector(cfg: Config, cls: str, reg: str, num_classes: int, *, bbox_reg_bias: float) -> TorchvisionDetectorAdapter:
+def build_detector(
+    cfg: Config, cls: str, reg: str, num_classes: int, *, bbox_reg_bias: float
+) -> TorchvisionDetectorAdapter:
     """torchvision's FCOS as the module docstring says, wrapped for hcral's engine."""
     m, d, e = cfg.model, cfg.data, cfg.eval
     if not m.backbone.startswith(TIMM_BACKBONE_PREFIX):
         raise ValueError(f"--config: model.backbone must be {TIMM_BACKBONE_PREFIX}<name>, got {m.backbone!r}")
     body = TimmBackbone(
         m.backbone[len(TIMM_BACKBONE_PREFIX) :], weights=m.pretrained, frozen_stages=m.frozen_stages,
-        norm="frozen_bn" if m.norm_eval else "bn", norm_eval=m.norm_eval, input_mean=IMAGENET_MEAN, input_std=IMAGENET_STD,
+        norm="frozen_bn" if m.norm_eval else "bn", norm_eval=m.norm_eval,
+        input_mean=IMAGENET_MEAN, input_std=IMAGENET_STD,
     )  # fmt: skip
     mean_, std_ = NO_NORMALISATION
     model = fcos_with_hcral(
@@ -242,7 +246,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     for k in SUMMARY_METRICS:
         a, b, d = summary["arms"][BASELINE][k], summary["arms"][TREATMENT][k], summary["paired"][k]
         lines.append(
-            f"| {k} | {_pct(a['mean'])} ± {_pct(a['std'])} | {_pct(b['mean'])} ± {_pct(b['std'])} | {_pct(d['mean'])} "
+            f"| {k} | {_pct(a['mean'])} ± {_pct(a['std'])} | {_pct(b['mean'])} ± {_pct(b['std'])} "
+            f"| {_pct(d['mean'])} "
             f"| [{_pct(d['ci95'][0])}, {_pct(d['ci95'][1])}] | {d['n']} |"
         )
     return "\n".join(lines) + "\n"
@@ -250,13 +255,15 @@ def summary_markdown(summary: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=DEFAULT_CONFIG, help="data, model sizes and schedule (default: %(default)s)")
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="data, model and schedule (default: %(default)s)")
     parser.add_argument("--results", default=DEFAULT_RESULTS, help="folder of the run JSONs and the summary")
     parser.add_argument("--cls", nargs="+", default=list(ARMS), choices=ARMS, help="arms to run")
     parser.add_argument("--reg", default="giou", choices=("giou", "hcra_r"), help="box loss of both arms")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--max-iters", type=int, default=None, help="stop each run after this many iterations (smoke test)")
-    parser.add_argument("--bbox-reg-bias", type=float, default=1.0, help="initial bias of the box regression output (torchvision: 0; see above)")
+    parser.add_argument("--max-iters", type=int, default=None, help="iterations per run (smoke test)")
+    parser.add_argument(
+        "--bbox-reg-bias", type=float, default=1.0, help="initial bias of the box regression output (torchvision: 0)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
     args = parser.parse_args(argv)
 

@@ -13,12 +13,15 @@ from unittest import mock
 import pytest
 import torch
 from torch import nn
+from torchvision.models.detection import FCOS
 from torchvision.models.detection.fcos import FCOSHead
 from torchvision.models.detection.retinanet import RetinaNetHead
 
 from hcral.data.collate import collate
 from hcral.data.transforms import build_transforms, empty_target
 from hcral.integrations.torchvision import (
+    GIoURegressionLoss,
+    HCRALFCOSHead,
     TorchvisionDetectorAdapter,
     build_cls_loss,
     build_reg_loss,
@@ -30,6 +33,8 @@ from hcral.losses import ghmc_loss, hcra_ious
 NUM_CLASSES = 3
 IMAGE = 64
 MODEL_KWARGS = dict(min_size=IMAGE, max_size=IMAGE)
+# hcral's pipeline has normalised: torchvision's transform must not (TorchvisionDetectorAdapter).
+NO_NORMALISATION = dict(image_mean=[0.0] * 3, image_std=[1.0] * 3)
 
 
 class TinyBackbone(nn.Module):
@@ -158,6 +163,34 @@ def test_fcos_focal_and_giou_equal_torchvision(cls):
         torch.testing.assert_close(ours[key], theirs[key])
     model.head.reg_loss = build_reg_loss("hcra_r", use_rci=False, use_cf=False)
     torch.testing.assert_close(model.head.compute_loss(*inputs)["bbox_regression"], theirs["bbox_regression"])
+    if cls == "focal_rci_cf":  # with the modules on, the loss is no longer torchvision's
+        model.head.cls_loss.use_rci = model.head.cls_loss.use_cf = True
+        assert not torch.allclose(model.head.compute_loss(*inputs)["classification"], theirs["classification"])
+
+
+def test_heads_pass_u_of_each_image():
+    """The classification loss receives hcra_ious of every image's decoded boxes, in batch order,
+    the valid mask, and the number of positives."""
+    seen = {}
+
+    def capture(logits, cls_targets, ious, valid, *, avg_factor):  # a plain function works as cls_loss
+        seen.update(ious=ious, valid=valid, avg_factor=avg_factor)
+        return logits.sum() * 0
+
+    torch.manual_seed(0)
+    backbone = TinyBackbone()
+    head = HCRALFCOSHead(backbone.out_channels, 1, NUM_CLASSES, cls_loss=capture, reg_loss=GIoURegressionLoss())
+    model = FCOS(backbone, NUM_CLASSES, head=head, **MODEL_KWARGS).train()
+    images, targets = _images_and_targets(empty=(0,))  # the first image has no ground truth
+    targets_t, head_outputs, anchors, matched = _loss_inputs(model, images, targets)
+    model.head.compute_loss(targets_t, head_outputs, anchors, matched)
+    boxes = model.head.box_coder.decode(head_outputs["bbox_regression"], torch.stack(anchors))
+    expected = torch.cat([
+        hcra_ious(b, t["boxes"], t["labels"], m, NUM_CLASSES) for b, t, m in zip(boxes, targets_t, matched)
+    ])  # fmt: skip
+    assert expected[: len(matched[0])].eq(0).all() and expected.gt(0).any()
+    torch.testing.assert_close(seen["ious"], expected)
+    assert seen["valid"].all() and seen["avg_factor"] == float((matched[1] >= 0).sum())
 
 
 def test_retinanet_focal_equals_torchvision_on_one_image():
@@ -217,7 +250,8 @@ def test_forward_backward(detector, cls, empty):
     assert all(torch.isfinite(v) for v in losses.values())
     # Each hcral loss alone reaches the head's output convolutions.
     head = model.head
-    cls_grad = torch.autograd.grad(losses["classification"], head.classification_head.cls_logits.weight, retain_graph=True)[0]
+    cls_weight = head.classification_head.cls_logits.weight
+    cls_grad = torch.autograd.grad(losses["classification"], cls_weight, retain_graph=True)[0]
     assert cls_grad.abs().sum() > 0
     reg_grad = torch.autograd.grad(
         losses["bbox_regression"], head.regression_head.bbox_reg.weight, retain_graph=True, allow_unused=True
@@ -261,7 +295,7 @@ def test_transform_is_identity_on_hcral_resized_images(hw):
     an image resized and normalised by hcral's pipeline unchanged (TorchvisionDetectorAdapter)."""
     image = torch.randint(0, 256, (3, *hw), dtype=torch.uint8)
     tensor, info = build_transforms(train=False, short_side=SHORT, max_side=LONG)(image, empty_target(*hw))
-    model = fcos_with_hcral(TinyBackbone(), NUM_CLASSES, min_size=SHORT, max_size=LONG, image_mean=[0.0] * 3, image_std=[1.0] * 3)
+    model = fcos_with_hcral(TinyBackbone(), NUM_CLASSES, min_size=SHORT, max_size=LONG, **NO_NORMALISATION)
     for train in (True, False):
         model.train(train)
         image_list, _ = model.transform([tensor])
@@ -273,7 +307,7 @@ def test_transform_is_identity_on_hcral_resized_images(hw):
 def test_adapter_trains_and_detects_on_a_collated_batch():
     torch.manual_seed(0)
     model = TorchvisionDetectorAdapter(
-        fcos_with_hcral(TinyBackbone(), NUM_CLASSES, score_thresh=0.0, **MODEL_KWARGS, image_mean=[0.0] * 3, image_std=[1.0] * 3)
+        fcos_with_hcral(TinyBackbone(), NUM_CLASSES, score_thresh=0.0, **MODEL_KWARGS, **NO_NORMALISATION)
     )
     images, targets = _images_and_targets(empty=(1,))
     batch = [(images[0], {**targets[0], "size": (64, 64)}), (images[1][:, :40, :56], {**targets[1], "size": (40, 56)})]

@@ -7,14 +7,13 @@ coders and the post-processing. Only the head's ``compute_loss`` changes: :class
 and :class:`HCRALRetinaNetHead` subclass torchvision's ``FCOSHead`` and ``RetinaNetHead`` and turn
 the matcher's ``matched_idxs`` into the inputs of two pluggable losses:
 
-- ``cls_loss(logits (N, C), targets (N, C), ious (N, C), valid (N,)[, avg_factor=num_pos]) -> scalar``
+- ``cls_loss(logits (N, C), targets (N, C), ious (N, C), valid (N,), *, avg_factor) -> scalar``
   over all priors of the batch (N = images x priors): :class:`~hcral.losses.HCRAClassificationLoss`
   (HCRA-C, formulation §3; RCI and CF on focal loss with ``base="focal"``, §3b) or
   :class:`FocalClassificationLoss` (torchvision's focal loss). ``ious`` is u of formulation §1
-  (:func:`~hcral.losses.hcra_ious` on the detached decoded boxes of every prior). Losses normalised
-  by their own T (HCRA-C on its GHM-C base) are called without ``avg_factor``; every other loss
-  gets ``avg_factor`` = max(1, positives of the batch). A loss with ``uses_ious = False`` gets
-  ``ious=None`` and the IoUs are not computed.
+  (:func:`~hcral.losses.hcra_ious` on the detached decoded boxes of every prior). ``avg_factor``
+  is max(1, positives of the batch), or None for HCRA-C on its GHM-C base, which divides by its
+  own T. A loss with ``uses_ious = False`` gets ``ious=None`` and the IoUs are not computed.
 - ``reg_loss(pred_boxes (P, 4), target_boxes (P, 4), scores (P,), weight (P,) | None) -> scalar``
   over the P positives, with decoded xyxy boxes, ``scores`` σ(x) at each positive's class and
   ``weight`` the head's h (formulation §4): :class:`~hcral.losses.HCRARegressionLoss` (HCRA-R) or
@@ -148,12 +147,6 @@ class GIoURegressionLoss(nn.Module):
         return f"eps={self.eps}, loss_weight={self.loss_weight}"
 
 
-def _own_normaliser(loss: ClsLossFn) -> bool:
-    """True for losses normalised by their own T (HCRA-C on its GHM-C base, formulation §3), which
-    take no ``avg_factor``; every other loss is normalised by the number of positives."""
-    return isinstance(loss, HCRAClassificationLoss) and getattr(loss, "base", "ghm") == "ghm"
-
-
 def build_cls_loss(
     cls: ClsChoice,
     *,
@@ -202,7 +195,9 @@ def build_reg_loss(
     """The box loss named ``reg``: ``"hcra_r"`` (HCRA-R, §4), ``"giou"`` (:class:`GIoURegressionLoss`),
     or ``"l1"``: None, the head's own (torchvision RetinaNet's L1 on encoded deltas)."""
     if reg == "hcra_r":
-        return HCRARegressionLoss(alpha=alpha, ep=ep, gamma=gamma, use_rci=use_rci, use_cf=use_cf, loss_weight=loss_weight)
+        return HCRARegressionLoss(
+            alpha=alpha, ep=ep, gamma=gamma, use_rci=use_rci, use_cf=use_cf, loss_weight=loss_weight
+        )
     if reg == "giou":
         return GIoURegressionLoss(loss_weight=loss_weight)
     if reg == "l1":
@@ -276,10 +271,11 @@ def match_priors(
 
 
 def _cls_loss(loss: ClsLossFn, logits: Tensor, m: MatchedPriors) -> Tensor:
+    # HCRA-C on its GHM-C base divides by its own T (§3) and takes no avg_factor; every other loss
+    # is divided by the number of positives.
+    own_normaliser = isinstance(loss, HCRAClassificationLoss) and loss.base == "ghm"
     flat = logits.reshape(-1, logits.shape[-1])
-    if _own_normaliser(loss):
-        return loss(flat, m.cls_targets, m.ious, m.valid)
-    return loss(flat, m.cls_targets, m.ious, m.valid, avg_factor=m.num_pos)
+    return loss(flat, m.cls_targets, m.ious, m.valid, avg_factor=None if own_normaliser else m.num_pos)
 
 
 def _reg_loss(loss: RegLossFn, logits: Tensor, pred_boxes: Tensor, m: MatchedPriors, weight: Tensor | None) -> Tensor:
@@ -433,7 +429,9 @@ def fcos_with_hcral(
             normalize=normalize, ghm_bins=ghm_bins, ghm_momentum=ghm_momentum, focal_alpha=focal_alpha,
             focal_gamma=focal_gamma,
         ),
-        reg_loss=build_reg_loss(reg, loss_weight=reg_weight, alpha=alpha, ep=ep, gamma=gamma, use_rci=reg_rci, use_cf=reg_cf),
+        reg_loss=build_reg_loss(
+            reg, loss_weight=reg_weight, alpha=alpha, ep=ep, gamma=gamma, use_rci=reg_rci, use_cf=reg_cf
+        ),
         centerness_weighted_reg=centerness_weighted_reg,
     )  # fmt: skip
     return FCOS(backbone, num_classes, head=head, **fcos_kwargs)
@@ -482,7 +480,9 @@ def retinanet_with_hcral(
             normalize=normalize, ghm_bins=ghm_bins, ghm_momentum=ghm_momentum, focal_alpha=focal_alpha,
             focal_gamma=focal_gamma,
         ),
-        reg_loss=build_reg_loss(reg, loss_weight=reg_weight, alpha=alpha, ep=ep, gamma=gamma, use_rci=reg_rci, use_cf=reg_cf),
+        reg_loss=build_reg_loss(
+            reg, loss_weight=reg_weight, alpha=alpha, ep=ep, gamma=gamma, use_rci=reg_rci, use_cf=reg_cf
+        ),
     )  # fmt: skip
     return model
 

@@ -3,7 +3,7 @@
 Implements ``docs/method.md`` §2-§4 (the shared formulation page). Notation (§1):
 
 - ``p = σ(x)`` the score, ``p*`` the binary target, ``u`` the IoU each (prior, class) is held to
-  (computed by the caller from detached boxes), all ``(N, C)`` for HCRA-C;
+  (computed from detached boxes, e.g. by :func:`hcra_ious`), all ``(N, C)`` for HCRA-C;
 - for HCRA-R: aligned predicted / target boxes ``(P, 4)``, ``s`` the score of each positive at its
   class ``(P,)``, ``q = IoU(b, g)`` and ``h`` the head's own regression weight ``(P,)``.
 
