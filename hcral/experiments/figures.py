@@ -192,9 +192,8 @@ def prior_data(run_dir: str | Path, *, image_index: int = 0) -> dict[str, Any]:
     highest-scoring class (the class it would be detected as).
     """
     from hcral.assign import atss_assign
-    from hcral.losses import cls_weights, reg_weights
-    from hcral.models.heads.dense_head import classwise_max_iou
-    from hcral.ops.boxes import aligned_iou, box_centers
+    from hcral.losses import cls_weights, hcra_ious, reg_weights
+    from hcral.ops.boxes import box_centers
 
     cfg, model, dataset = load_run(run_dir)
     head, layout, logits, boxes, targets = _head_outputs(model, dataset, [image_index])
@@ -202,10 +201,8 @@ def prior_data(run_dir: str | Path, *, image_index: int = 0) -> dict[str, Any]:
     scores = logit.sigmoid()
     a = head.assign(layout, t, box, scores)
     pos = a.pos_mask
-    u = classwise_max_iou(box, t["boxes"], t["labels"], head.num_classes)  # (N, C)
+    u = hcra_ious(box, t["boxes"], t["labels"], a.gt_index, head.num_classes)  # (N, C), §1
     pos_idx = pos.nonzero(as_tuple=True)[0]
-    pos_iou = aligned_iou(box[pos_idx], t["boxes"][a.gt_index[pos_idx]]).clamp(min=0)
-    u[pos_idx, a.labels[pos_idx]] = pos_iou  # §1: a positive is held to its own GT
     onehot = torch.zeros_like(logit)
     onehot[pos_idx, a.labels[pos_idx]] = 1.0
     c = cfg.loss

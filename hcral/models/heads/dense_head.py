@@ -35,7 +35,7 @@ from hcral.config import EvalConfig, LossConfig
 from hcral.distributed import reduce_mean
 from hcral.models.heads.grad_share import GradShareMeter
 from hcral.models.postprocess import select_detections
-from hcral.ops.boxes import aligned_iou, box_centers, box_iou, clip_boxes
+from hcral.ops.boxes import aligned_iou, box_centers, clip_boxes
 
 
 @dataclass
@@ -81,18 +81,6 @@ def centerness_target(centers: Tensor, gt_boxes: Tensor) -> Tensor:
     tb = torch.stack((top, bottom), -1).clamp(min=0)
     ratio = lr.min(-1).values / lr.max(-1).values.clamp(min=1e-6) * tb.min(-1).values / tb.max(-1).values.clamp(min=1e-6)
     return ratio.sqrt()
-
-
-def classwise_max_iou(pred_boxes: Tensor, gt_boxes: Tensor, gt_labels: Tensor, num_classes: int) -> Tensor:
-    """u of formulation §1 for the non-positive entries: max over GTs of class k of IoU(b_i, g_j).
-
-    pred_boxes (N, 4), gt_boxes (M, 4), gt_labels (M,) -> (N, C); 0 where the image has no GT of class k.
-    """
-    u = pred_boxes.new_zeros(pred_boxes.shape[0], num_classes, dtype=torch.float32)
-    if gt_boxes.numel() == 0 or pred_boxes.numel() == 0:
-        return u
-    iou = box_iou(pred_boxes, gt_boxes).float()  # (N, M)
-    return u.scatter_reduce_(1, gt_labels.view(1, -1).expand_as(iou), iou, reduce="amax", include_self=True)
 
 
 class DenseHead(nn.Module):
@@ -239,8 +227,8 @@ class DenseHead(nn.Module):
                 gt_index[i], labels[i] = a.gt_index, a.labels
                 if t["boxes"].numel():
                     target_boxes[i] = t["boxes"].to(target_boxes)[a.gt_index.clamp(min=0)]
-                if ious_u is not None:
-                    ious_u[i] = classwise_max_iou(detached_boxes[i], t["boxes"], t["labels"], c)
+                if ious_u is not None:  # u of §1, a positive held to the IoU with its own GT
+                    ious_u[i] = L.hcra_ious(detached_boxes[i], t["boxes"], t["labels"], a.gt_index, c)
 
         pos = gt_index >= 0  # (B, N)
         valid = gt_index != -2
@@ -260,9 +248,6 @@ class DenseHead(nn.Module):
         if self.loss_cfg.cls in ("qfl", "vfl"):  # their IoU-valued targets; a (B, N, C) tensor, so only when used
             soft = torch.zeros_like(cls_logits)
             soft[pos_b, pos_i, pos_labels] = pos_iou
-        if ious_u is not None:
-            # §1: a positive at its class is held to the IoU with its own assigned GT.
-            ious_u[pos_b, pos_i, pos_labels] = pos_iou
         if self.grad_share is not None and cls_logits.requires_grad:
             self.grad_share.watch(cls_logits, onehot, valid, scores, ious_u)
 
