@@ -177,6 +177,15 @@ class LossConfig:
     neg_iou: float = num(0.4, **UNIT)
 
 
+def cls_loss_label(loss: LossConfig) -> str:
+    """``loss.cls`` as tables report it: ``hcra_c`` only on its GHM-C base; RCI and CF on focal
+    loss (§3b) as ``rci_cf_focal``; scale-preserving weights (§3c) with ``_sp``."""
+    if loss.cls != "hcra_c":
+        return loss.cls
+    name = "hcra_c" if loss.hcra_cls_base == "ghm" else "rci_cf_focal"
+    return f"{name}_sp" if loss.hcra_cls_normalize else name
+
+
 @dataclass
 class DataConfig:
     dataset: DatasetKind = "synthetic"

@@ -114,3 +114,15 @@ def test_the_fused_path_refuses_the_focal_base_and_scale_preserving_weights():
             load_config(overrides=["loss.cls=hcra_c", "loss.hcra_fused=true", extra])
     with pytest.raises(ConfigError, match="'ghm', 'focal'"):
         load_config(overrides=["loss.hcra_cls_base=bce"])
+
+
+def test_cls_loss_label_names_the_focal_base_and_scale_preserving_weights_apart():
+    from hcral.config import cls_loss_label, load_config
+
+    def label(*overrides):
+        return cls_loss_label(load_config(overrides=list(overrides)).loss)
+
+    assert label("loss.cls=focal") == "focal" and label("loss.cls=hcra_c") == "hcra_c"
+    assert label("loss.cls=hcra_c", "loss.hcra_cls_normalize=true") == "hcra_c_sp"
+    assert label("loss.cls=hcra_c", "loss.hcra_cls_base=focal") == "rci_cf_focal"
+    assert label("loss.cls=hcra_c", "loss.hcra_cls_base=focal", "loss.hcra_cls_normalize=true") == "rci_cf_focal_sp"

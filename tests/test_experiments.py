@@ -332,3 +332,12 @@ def test_grad_share_is_logged_per_interval_and_plotted(tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_run_labels_tell_ablation_runs_apart():
+    from hcral.experiments.figures import run_labels
+
+    assert list(run_labels(["runs/a", "runs/b"])) == ["a", "b"]
+    assert list(run_labels(["x/focal/seed0", "x/ghmc/seed0", "x/ghmc/seed1"])) == ["focal/seed0", "ghmc/seed0", "ghmc/seed1"]
+    with pytest.raises(ValueError, match="given twice"):
+        run_labels(["x/a", "x/a"])

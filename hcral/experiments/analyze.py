@@ -270,6 +270,7 @@ def analyze_run(run_dir: str | Path, overrides: Sequence[str] = (), *, plots: bo
     built as ``hcral eval`` builds it.
     """
     from hcral.checkpoint import CHECKPOINT, inference_config, load_checkpoint, load_model_state
+    from hcral.config import cls_loss_label
     from hcral.data.check import check_splits, raise_if_problems
     from hcral.engine import evaluate
     from hcral.models.build import build_model
@@ -298,7 +299,7 @@ def analyze_run(run_dir: str | Path, overrides: Sequence[str] = (), *, plots: bo
     result = {
         "run": str(run),
         "detector": cfg.model.detector,
-        "cls_loss": cfg.loss.cls,
+        "cls_loss": cls_loss_label(cfg.loss),
         "reg_loss": cfg.loss.reg,
         "assigner": cfg.loss.assigner,
         "val_images": len(dataset),
@@ -376,13 +377,16 @@ def compare_table(results: Sequence[dict[str, Any]]) -> str:
         "run", "detector", "losses", "AP", "AP50", "AP75", "AP90", "AR100", "score-IoU n", "Spearman", "Pearson",
         "TP mean score", "FP mean score", "AP no ctr", "AP50 no ctr", "Spearman no ctr",
     ]  # fmt: skip
+    from hcral.experiments.figures import run_labels
+
     rows = []
-    for r in results:
+    labels = list(run_labels([r["run"] for r in results]))
+    for label, r in zip(labels, results):
         main = r["settings"][r["main"]]
         ap, si, tf = main["ap"], main["score_iou"], main["tp_fp"]
         off = r["settings"].get(CENTERNESS_OFF) if r["main"] != CENTERNESS_OFF else None
         rows.append([
-            Path(r["run"]).name, r["detector"], f"{r['cls_loss']} + {r['reg_loss']} + {r['assigner']}",
+            label, r["detector"], f"{r['cls_loss']} + {r['reg_loss']} + {r['assigner']}",
             *(_pct(ap[k]) for k in ("AP", "AP50", "AP75", "AP90", "AR100")),
             str(si["n"]), _num(si["spearman"]), _num(si["pearson"]), _num(tf["tp_mean_score"]), _num(tf["fp_mean_score"]),
             _pct(off["ap"]["AP"]) if off else "-", _pct(off["ap"]["AP50"]) if off else "-",

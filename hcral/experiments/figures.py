@@ -440,6 +440,17 @@ def fig_grad_share(path: Path, runs: dict[str, Path]) -> Path:
     return _save(fig, path)
 
 
+def run_labels(runs: list[str | Path]) -> dict[str, Path]:
+    """``{label: run}`` with the shortest path suffix that tells the runs apart: ``focal/seed0``
+    and ``ghmc/seed0`` for an ablation's run folders, the folder name alone when that is enough."""
+    paths = [Path(run) for run in runs]
+    for depth in range(1, max((len(p.parts) for p in paths), default=1) + 1):
+        labels = ["/".join(p.parts[-depth:]) for p in paths]
+        if len(set(labels)) == len(labels):
+            return dict(zip(labels, paths))
+    raise ValueError(f"the same run folder is given twice: {[str(p) for p in paths]}")
+
+
 def make_figures(
     out: str | Path = "docs/img",
     *,
@@ -457,9 +468,9 @@ def make_figures(
     if ap_curves or grad_share:
         paths = []
         if ap_curves:
-            paths.append(fig_ap_curves(out / "ap_vs_iteration.png", {Path(run).name: Path(run) for run in ap_curves}))
+            paths.append(fig_ap_curves(out / "ap_vs_iteration.png", run_labels(ap_curves)))
         if grad_share:
-            paths.append(fig_grad_share(out / "grad_share.png", {Path(run).name: Path(run) for run in grad_share}))
+            paths.append(fig_grad_share(out / "grad_share.png", run_labels(grad_share)))
         return paths
     paths = [fig_omega(out / "fig3b_omega.png"), fig_t(out / "fig3c_t.png")]
     if only_curves:
