@@ -231,7 +231,10 @@ def test_committed_specs_are_valid():
     assert specs, "experiments/*.yaml missing"
     for path in specs:
         spec = ablate.load_spec(path)
-        assert len(spec.seeds) >= 3, path
+        if path.name.startswith("diagnosis_"):  # explains one seed's runs, decides nothing
+            assert "a diagnosis, not a verdict" in spec.description, path
+        else:
+            assert len(spec.seeds) >= 3, path
         for run in ablate.plan_runs(spec)[:: len(spec.seeds)]:
             ablate.load_config(root / spec.base_config if spec.base_config else None, run.overrides)
 
