@@ -85,13 +85,14 @@ def _build_split(
     is an error: its own list would number the classes differently from the model's.
     """
     d = cfg.data
+    from_train = train or split_of_train  # whose images; the transforms follow `train`
     names = class_names if class_names is not None else d.class_names
     transforms = build_transforms(train=train, short_side=d.short_side, max_side=d.max_side, flip_prob=d.flip_prob)
     if d.dataset == "synthetic":
         size = (d.synthetic_size, d.synthetic_size)
         # Validation images come from a seed range the training set never uses.
-        seed = d.synthetic_seed if train or split_of_train else d.synthetic_seed + 1_000_003
-        count = d.synthetic_train if train or split_of_train else d.synthetic_val
+        seed = d.synthetic_seed if from_train else d.synthetic_seed + 1_000_003
+        count = d.synthetic_train if from_train else d.synthetic_val
         dataset = SyntheticShapes(
             count, image_size=size, num_classes=d.synthetic_classes, seed=seed, transforms=transforms
         )
@@ -107,13 +108,13 @@ def _build_split(
             "checkpoint's class_names, or set data.class_names"
         )
     if d.dataset == "voc":
-        split = d.train_split if train or split_of_train else d.val_split
+        split = d.train_split if from_train else d.val_split
         return VOCDataset(d.root, split, class_names=names, transforms=transforms)
     if d.dataset == "yolo":
         # Labels are indices into data.yaml's names, so a given list must equal them.
-        split = d.train_split if train or split_of_train else d.val_split
+        split = d.train_split if from_train else d.val_split
         return YOLODataset(d.root, split, class_names=names, transforms=transforms)
-    ann, images = (d.train_ann, d.train_images) if train or split_of_train else (d.val_ann, d.val_images)
+    ann, images = (d.train_ann, d.train_images) if from_train else (d.val_ann, d.val_images)
     return CocoDataset(ann, images, class_names=names, transforms=transforms)
 
 
