@@ -81,11 +81,14 @@ def hcra_ious(
     gt = gt_boxes.detach().to(pred)
     iou = box_iou(pred, gt)  # (N, M)
     u.scatter_reduce_(1, gt_labels.view(1, -1).expand_as(iou), iou, reduce="amax", include_self=True)
-    pos = (matched_gt >= 0).nonzero(as_tuple=True)[0]
-    assigned = matched_gt[pos]
     # The positive's own IoU, as an aligned pair (what HCRA-R's q is), not its class-wise maximum.
-    u[pos, gt_labels[assigned]] = aligned_iou(pred[pos], gt[assigned]).clamp(min=0)
-    return u
+    # Computed for every prior against its (clamped) GT and kept only at positives: no nonzero(),
+    # so no host synchronisation in the training step.
+    assigned = matched_gt.clamp(min=0)
+    own = aligned_iou(pred, gt[assigned]).clamp(min=0)  # (N,)
+    cols = gt_labels[assigned].view(-1, 1)  # (N, 1): each prior's assigned class
+    kept = torch.where(matched_gt >= 0, own, u.gather(1, cols).squeeze(1))
+    return u.scatter_(1, cols, kept.view(-1, 1))
 
 
 # ---------------------------------------------------------------------------------------------
