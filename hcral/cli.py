@@ -109,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override an evaluation setting of every run, as for eval, e.g. --set eval.score_thr=0.01")
     p.add_argument("--compare", metavar="TABLE_MD", help="also write one Markdown table of all the runs")
+    p.add_argument("--baseline", metavar="CELL",
+                   help="with --compare, for an ablation's <cell>/seed<k> runs: also a per-cell table, "
+                        "means over seeds and differences paired by seed against CELL")
+    p.add_argument("--reuse", action="store_true",
+                   help="take RUN/analysis.json as it is when it was written after the checkpoint with the same --set")
     return parser
 
 
@@ -139,16 +144,23 @@ def main(argv: list[str] | None = None) -> int:
                 print(path)
             return 0
         if args.command == "analyze":
-            from hcral.experiments.analyze import analyze_run, compare_table, summary_line
+            from hcral.experiments.analyze import analyze_run, cell_table, cells_and_seeds, compare_table, summary_line
             from hcral.utils import write_text_atomic
 
+            if args.baseline and not args.compare:
+                raise ConfigError("analyze --baseline needs --compare TABLE_MD, the file its table goes into")
+            if args.baseline:  # a bad layout or cell fails before any inference
+                cells = sorted({cell for cell, _ in cells_and_seeds(args.runs)})
+                if args.baseline not in cells:
+                    raise ConfigError(f"analyze --baseline {args.baseline!r} is not among the runs' cells: {cells}")
             results = []
             for run in args.runs:
-                results.append(analyze_run(run, args.overrides))
+                results.append(analyze_run(run, args.overrides, reuse=args.reuse))
                 print(summary_line(results[-1]))
             if args.compare:
                 Path(args.compare).parent.mkdir(parents=True, exist_ok=True)
-                write_text_atomic(args.compare, compare_table(results))
+                table = compare_table(results) + (f"\n{cell_table(results, args.baseline)}" if args.baseline else "")
+                write_text_atomic(args.compare, table)
                 print(f"table written to {args.compare}", file=sys.stderr)
             return 0
         if args.command == "train":

@@ -236,3 +236,85 @@ def test_analyze_command_writes_json_plots_and_table(tmp_path, capsys):
     rows = table.read_text().splitlines()
     assert rows[0].startswith("| run | detector |") and len([r for r in rows if r.startswith("| ")]) == 3
     assert rows[2].startswith("| fcos | fcos_atss |") and rows[3].startswith("| retina | retinanet |")
+    # --reuse takes each analysis.json as written, without inference; another --set redoes it.
+    before = {name: (tmp_path / name / A.ANALYSIS).read_text() for name in runs}
+
+    def no_inference(*args, **kwargs):
+        raise AssertionError("--reuse ran inference")
+
+    import hcral.engine
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(hcral.engine, "evaluate", no_inference)
+        assert cli_main(["analyze", *(c.out_dir for c in runs.values()), "--reuse"]) == 0
+        assert {name: (tmp_path / name / A.ANALYSIS).read_text() for name in runs} == before
+        with pytest.raises(AssertionError, match="ran inference"):
+            A.analyze_run(runs["retina"].out_dir, ["eval.score_thr=0.2"], plots=False, reuse=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-cell tables of an ablation's runs
+# ---------------------------------------------------------------------------------------------
+
+
+def _result(run: str, ap: float, spearman: float | None, tp: float, fp: float, ap_off: float | None = None) -> dict:
+    def setting(ap_value: float, rho: float | None) -> dict:
+        return {
+            "ap": {"AP": ap_value, "AP50": 0.0, "AP75": 0.0, "AP90": 0.0, "AR100": 0.0},
+            "score_iou": {"n": 10, "spearman": rho, "pearson": None if rho is None else rho / 2},
+            "tp_fp": {"tp_mean_score": tp, "fp_mean_score": fp},
+        }
+
+    settings = {A.CENTERNESS_ON: setting(ap, spearman)}
+    if ap_off is not None:
+        settings[A.CENTERNESS_OFF] = setting(ap_off, spearman)
+    return {"run": run, "main": A.CENTERNESS_ON, "settings": settings}
+
+
+def test_cells_and_seeds_follow_the_ablation_layout(tmp_path):
+    runs = [tmp_path / "atss/focal/giou/seed0", tmp_path / "atss/hcra_c/giou/seed3", tmp_path / "retinanet/focal/giou/seed1"]
+    assert A.cells_and_seeds(runs) == [("atss/focal/giou", 0), ("atss/hcra_c/giou", 3), ("retinanet/focal/giou", 1)]
+    assert A.cells_and_seeds([tmp_path / "focal/seed0", tmp_path / "focal/seed2"]) == [("focal", 0), ("focal", 2)]
+    with pytest.raises(ValueError, match="focal/last is not named seed<k>"):
+        A.cells_and_seeds([tmp_path / "focal/seed0", tmp_path / "focal/last"])
+    with pytest.raises(ValueError, match=r"given twice: \['focal/seed0'\]"):
+        A.cells_and_seeds([tmp_path / "focal/seed0", tmp_path / "x/../focal/seed0", tmp_path / "ghmc/seed0"])
+
+
+def test_cell_table_means_and_paired_differences_are_the_hand_computed_values(tmp_path):
+    base, loss = tmp_path / "focal", tmp_path / "hcra_c"
+    results = [
+        _result(str(base / "seed0"), 0.10, 0.30, 0.25, 0.10, ap_off=0.09),
+        _result(str(base / "seed1"), 0.12, 0.34, 0.23, 0.10, ap_off=0.11),
+        _result(str(base / "seed2"), 0.11, 0.32, 0.24, 0.10, ap_off=0.10),
+        _result(str(loss / "seed0"), 0.08, 0.40, 0.30, 0.25),
+        _result(str(loss / "seed1"), 0.09, 0.36, 0.31, 0.26),
+        _result(str(loss / "seed2"), 0.07, None, 0.28, 0.23),  # undefined correlation: left out of its pairs
+    ]
+    rows = {r.split(" | ")[0][3:-1]: r.strip("| ").split(" | ") for r in A.cell_table(results, "focal").splitlines()
+            if r.startswith("| `")}  # fmt: skip
+    header = A.cell_table(results, "focal").splitlines()[0].strip("| ").split(" | ")
+    focal, hcra = (dict(zip(header, rows[c])) for c in ("focal", "hcra_c"))
+    assert focal["n"] == hcra["n"] == "3"
+    assert focal["AP"] == "11.0 ± 1.0" and hcra["AP"] == "8.0 ± 1.0"
+    assert focal["Spearman"] == "0.320 ± 0.020" and focal["Δ Spearman"] == "(baseline)"
+    # Seeds 0 and 1 pair: differences +0.10 and +0.02, mean +0.06, std 0.0566, t_{0.975,1} = 12.706.
+    half = 12.706 * (0.08 / math.sqrt(2)) / math.sqrt(2)
+    assert hcra["Δ Spearman"] == f"+0.060 [{0.06 - half:+.3f}, {0.06 + half:+.3f}]"
+    assert hcra["Δ Pearson"] == f"+0.030 [{0.03 - half / 2:+.3f}, {0.03 + half / 2:+.3f}]"
+    # TP - FP gaps: focal 0.15, 0.13, 0.14; hcra_c 0.05, 0.05, 0.05: differences -0.10, -0.08, -0.09.
+    d = [-0.10, -0.08, -0.09]
+    m, s = sum(d) / 3, math.sqrt(sum((x - sum(d) / 3) ** 2 for x in d) / 2)
+    half = 4.3027 * s / math.sqrt(3)
+    assert hcra["Δ TP - FP mean score"] == f"{m:+.3f} [{m - half:+.3f}, {m + half:+.3f}] *"
+    assert focal["AP no ctr"] == "10.0 ± 1.0" and hcra["AP no ctr"] == "-"
+    with pytest.raises(ValueError, match=r"baseline cell 'ghmc' is not among the runs' cells: \['focal', 'hcra_c'\]"):
+        A.cell_table(results, "ghmc")
+
+
+def test_analyze_baseline_checks_its_arguments_before_any_inference(tmp_path, capsys):
+    runs = [str(tmp_path / "focal/seed0"), str(tmp_path / "ghmc/seed0")]  # no checkpoints: inference would fail
+    assert cli_main(["analyze", *runs, "--baseline", "focal"]) == 2
+    assert "needs --compare" in capsys.readouterr().err
+    assert cli_main(["analyze", *runs, "--baseline", "hcra_c", "--compare", str(tmp_path / "t.md")]) == 2
+    assert "'hcra_c' is not among the runs' cells: ['focal', 'ghmc']" in capsys.readouterr().err

@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from hcral.config import ConfigError, config_to_dict, load_config, save_config
-from hcral.experiments.stats import PairedDiff, mean, paired_difference, std
+from hcral.experiments.stats import PairedDiff, format_ci, mean, paired_difference, std
 from hcral.utils import write_text_atomic
 
 __all__ = ["Cell", "RunResult", "Spec", "load_spec", "plan_runs", "run_grid", "summarize", "write_tables"]
@@ -538,15 +538,6 @@ def _pm(m: float, s: float) -> str:
     return f"{m * PCT:.1f}" + (f" ± {s * PCT:.1f}" if not math.isnan(s) else "")
 
 
-def _ci(d: PairedDiff) -> str:
-    if d.n == 0 or math.isnan(d.mean):
-        return "–"
-    if math.isnan(d.ci_low):
-        return f"{d.mean * PCT:+.2f} (n={d.n})"
-    sig = " *" if d.ci_low > 0 or d.ci_high < 0 else ""
-    return f"{d.mean * PCT:+.2f} [{d.ci_low * PCT:+.2f}, {d.ci_high * PCT:+.2f}]{sig}"
-
-
 def _code_version() -> str:
     """The git commit of the working tree, flagged when ``hcral/`` has uncommitted changes."""
     root = Path(__file__).resolve().parents[2]
@@ -604,7 +595,7 @@ def markdown(
         is_base = s.baseline == s.cell.name
         row = [
             f"`{s.cell.name}`", n, *(_pm(s.mean[m], s.std[m]) for m in spec.metrics),
-            *(("(baseline)" if is_base else _ci(s.diff[m])) for m in spec.metrics),
+            *(("(baseline)" if is_base else format_ci(s.diff[m], scale=PCT)) for m in spec.metrics),
             "–" if math.isnan(s.wall_mean_s) else f"{s.wall_mean_s:.0f}",
         ]  # fmt: skip
         lines.append("| " + " | ".join(row) + " |")

@@ -20,13 +20,17 @@ detections (COCO results, original pixels, as ``hcral eval`` scores them):
 
 Writes ``RUN/analysis.json``, ``RUN/analysis_score_iou.png`` (Fig. 3(a) for the matched
 detections, :func:`hcral.experiments.figures.fig_score_iou`) and ``RUN/analysis_tp_fp.png``;
-:func:`compare_table` puts several runs in one Markdown table.
+:func:`compare_table` puts several runs in one Markdown table; :func:`cell_table` averages an
+ablation's runs (``<cell>/seed<k>``) per cell, with paired differences against a baseline cell.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
+import re
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,6 +47,8 @@ __all__ = [
     "analyze_detections",
     "analyze_run",
     "average_ranks",
+    "cell_table",
+    "cells_and_seeds",
     "coco_ap",
     "coco_tp_fp",
     "compare_table",
@@ -63,6 +69,8 @@ AP_IOUS = (0.5, 0.75, 0.9)
 SCORE_BINS = 20
 # COCOeval's summary row: all object areas, and the largest detection budget (100 per image).
 _ALL_AREAS = "all"
+# AP is stored as a fraction and printed x 100.
+PCT = 100.0
 # Names of the inference settings in analysis.json.
 CENTERNESS_ON, CENTERNESS_OFF, DEFAULT = "centerness_on", "centerness_off", "default"
 
@@ -261,9 +269,12 @@ def _settings(cfg: Any, with_centerness: bool) -> dict[str, bool]:
     return {CENTERNESS_ON if own else CENTERNESS_OFF: own, CENTERNESS_OFF if own else CENTERNESS_ON: not own}
 
 
-def analyze_run(run_dir: str | Path, overrides: Sequence[str] = (), *, plots: bool = True) -> dict[str, Any]:
+def analyze_run(
+    run_dir: str | Path, overrides: Sequence[str] = (), *, plots: bool = True, reuse: bool = False
+) -> dict[str, Any]:
     """Analyse the run in ``run_dir``; writes ``analysis.json`` (returned) and, with ``plots``, the
-    two PNGs into it.
+    two PNGs into it. With ``reuse``, an ``analysis.json`` written after the checkpoint with the
+    same ``overrides`` is returned as it is, without inference.
 
     The config is the checkpoint's, with ``overrides`` of the keys ``hcral eval`` may change
     (:data:`hcral.checkpoint.INFERENCE_FREE`: eval.*, data paths, device); the validation set is
@@ -279,6 +290,11 @@ def analyze_run(run_dir: str | Path, overrides: Sequence[str] = (), *, plots: bo
 
     run = Path(run_dir)
     path = run / CHECKPOINT
+    if reuse and (run / ANALYSIS).is_file() and path.is_file():
+        stored = json.loads((run / ANALYSIS).read_text())
+        # Older files lack "overrides" and are redone; a newer checkpoint (the run trained on) too.
+        if stored.get("overrides") == list(overrides) and (run / ANALYSIS).stat().st_mtime >= path.stat().st_mtime:
+            return stored
     ckpt = load_checkpoint(path)
     cfg, _ = inference_config(ckpt, path, None, list(overrides))
     device = resolve_device(cfg.train.device)
@@ -305,6 +321,7 @@ def analyze_run(run_dir: str | Path, overrides: Sequence[str] = (), *, plots: bo
         "val_images": len(dataset),
         "val_boxes": sum(not a.get("iscrowd", 0) for a in coco_gt["annotations"]),
         "eval": dataclasses.asdict(cfg.eval),
+        "overrides": list(overrides),
         "match_iou": MATCH_IOU,
         "main": next(iter(settings)),
         "settings": {name: a.summary() for name, a in found.items()},
@@ -346,7 +363,7 @@ def _plot(run: Path, found: dict[str, DetectionAnalysis], *, alpha: float) -> No
 
 
 def _pct(value: float | None) -> str:
-    return "-" if value is None or value < 0 else f"{100 * value:.1f}"
+    return "-" if value is None or value < 0 else f"{PCT * value:.1f}"
 
 
 def _num(value: float | None) -> str:
@@ -397,5 +414,91 @@ def compare_table(results: Sequence[dict[str, Any]]) -> str:
     note = (
         f"\nAP columns x 100 (COCOeval, all areas, 100 detections); score-IoU: detections whose largest IoU with "
         f"a same-class GT is >= {MATCH_IOU:g}; TP / FP: COCO's matching at IoU {MATCH_IOU:g}; written by `hcral analyze`.\n"
+    )
+    return "\n".join(lines) + "\n" + note
+
+
+# Per-run numbers that cell_table averages over seeds: (column, scale of the printed value, digits).
+_CELL_METRICS = {
+    "AP": (PCT, 1), "Spearman": (1.0, 3), "Pearson": (1.0, 3), "TP - FP mean score": (1.0, 3), "AP no ctr": (PCT, 1),
+}  # fmt: skip
+# Columns that also get a paired difference against the baseline cell.
+_CELL_DIFFS = ("Spearman", "Pearson", "TP - FP mean score")
+_SEED_FOLDER = re.compile(r"seed(\d+)")
+
+
+def cells_and_seeds(runs: Sequence[str | Path]) -> list[tuple[str, int]]:
+    """``(cell, seed)`` of each run folder of an ablation (``hcral ablate``'s ``<out_dir>/<cell>/seed<k>``):
+    the seed from the folder name, the cell from the parent's path below the parents' common folder
+    (``atss/focal/giou`` for a loss swap), or the parent's name when all runs share one parent."""
+    paths = [Path(run).resolve() for run in runs]
+    seeds = []
+    for path in paths:
+        m = _SEED_FOLDER.fullmatch(path.name)
+        if m is None:
+            raise ValueError(f"run folder {path} is not named seed<k>: per-cell tables need hcral ablate's <cell>/seed<k>")
+        seeds.append(int(m.group(1)))
+    parents = [p.parent for p in paths]
+    common = Path(os.path.commonpath(parents))
+    cells = [common.name if p == common else p.relative_to(common).as_posix() for p in parents]
+    pairs = list(zip(cells, seeds))
+    repeated = sorted({f"{c}/seed{k}" for c, k in pairs if pairs.count((c, k)) > 1})
+    if repeated:
+        raise ValueError(f"the same cell and seed are given twice: {repeated}")
+    return pairs
+
+
+def _per_run(result: dict[str, Any]) -> dict[str, float]:
+    main = result["settings"][result["main"]]
+    off = result["settings"].get(CENTERNESS_OFF) if result["main"] != CENTERNESS_OFF else None
+    tp, fp = main["tp_fp"]["tp_mean_score"], main["tp_fp"]["fp_mean_score"]
+    values = {
+        "AP": main["ap"]["AP"], "Spearman": main["score_iou"]["spearman"], "Pearson": main["score_iou"]["pearson"],
+        "TP - FP mean score": None if tp is None or fp is None else tp - fp, "AP no ctr": off["ap"]["AP"] if off else None,
+    }  # fmt: skip
+    return {k: float(v) for k, v in values.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
+
+
+def cell_table(results: Sequence[dict[str, Any]], baseline: str, *, confidence: float = 0.95) -> str:
+    """One Markdown row per cell of an ablation's analyses (:func:`cells_and_seeds` names the cells):
+    the mean ± std over seeds of AP, Spearman and Pearson score-IoU correlation, the gap between
+    the mean scores of true and false positives, and AP without centerness; and for the
+    correlations and the gap, the difference against cell ``baseline`` paired by seed, with its
+    Student-t ``confidence`` interval (`` *``: it excludes 0)."""
+    from hcral.experiments.stats import format_ci, mean, paired_difference, std
+
+    values: dict[str, dict[str, dict[int, float]]] = {}
+    for (cell, seed), result in zip(cells_and_seeds([r["run"] for r in results]), results):
+        for metric, v in _per_run(result).items():
+            values.setdefault(cell, {m: {} for m in _CELL_METRICS})[metric][seed] = v
+    if baseline not in values:
+        raise ValueError(f"baseline cell {baseline!r} is not among the runs' cells: {sorted(values)}")
+
+    def pm(metric: str, per_seed: dict[int, float]) -> str:
+        scale, digits = _CELL_METRICS[metric]
+        if not per_seed:
+            return "-"
+        xs = list(per_seed.values())
+        return f"{mean(xs) * scale:.{digits}f}" + (f" ± {std(xs) * scale:.{digits}f}" if len(xs) > 1 else "")
+
+    header = ["cell", "n"]
+    for metric in _CELL_METRICS:
+        header += [metric] + ([f"Δ {metric}"] if metric in _CELL_DIFFS else [])
+    rows = []
+    for cell, per_metric in values.items():
+        row = [f"`{cell}`", str(max(len(v) for v in per_metric.values()))]
+        for metric, per_seed in per_metric.items():
+            row.append(pm(metric, per_seed))
+            if metric in _CELL_DIFFS:
+                diff = paired_difference(per_seed, values[baseline][metric], confidence=confidence)
+                row.append("(baseline)" if cell == baseline else format_ci(diff, scale=_CELL_METRICS[metric][0], digits=3))
+        rows.append(row)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    note = (
+        f"\nMean ± std over seeds; AP x 100 at the runs' own settings; Δ: paired by seed against `{baseline}`, "
+        f"mean [{confidence:.0%} t-interval], * when it excludes 0. Spearman and Pearson: score against IoU of the "
+        f"detections whose largest IoU with a same-class GT is >= {MATCH_IOU:g}; TP - FP mean score: COCO's "
+        f"matching at IoU {MATCH_IOU:g}; written by `hcral analyze --baseline`.\n"
     )
     return "\n".join(lines) + "\n" + note

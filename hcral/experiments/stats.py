@@ -14,7 +14,9 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-__all__ = ["PairedDiff", "mean", "paired_difference", "std", "student_t_cdf", "student_t_quantile"]
+__all__ = [
+    "PairedDiff", "format_ci", "mean", "paired_difference", "std", "student_t_cdf", "student_t_quantile",
+]  # fmt: skip
 
 # Continued-fraction and bisection controls: relative accuracy far below the 3 decimals reported.
 _CF_MAX_ITERS = 300
@@ -145,3 +147,14 @@ def paired_difference(
     else:
         low = high = math.nan
     return PairedDiff(diffs, m, s, low, high, confidence)
+
+
+def format_ci(d: PairedDiff, *, scale: float = 1.0, digits: int = 2) -> str:
+    """``+m [+lo, +hi]`` of ``d`` times ``scale``, with `` *`` when the interval excludes 0;
+    ``+m (n=1)`` for a single pair and ``–`` for none."""
+    if d.n == 0 or math.isnan(d.mean):
+        return "–"
+    if math.isnan(d.ci_low):
+        return f"{d.mean * scale:+.{digits}f} (n={d.n})"
+    sig = " *" if d.ci_low > 0 or d.ci_high < 0 else ""
+    return f"{d.mean * scale:+.{digits}f} [{d.ci_low * scale:+.{digits}f}, {d.ci_high * scale:+.{digits}f}]{sig}"
