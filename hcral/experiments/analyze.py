@@ -41,6 +41,8 @@ import numpy as np
 import torch
 from torchvision.ops import box_convert, box_iou
 
+from hcral.experiments import stats
+
 __all__ = [
     "ANALYSIS",
     "DetectionAnalysis",
@@ -418,7 +420,7 @@ def compare_table(results: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n" + note
 
 
-# Per-run numbers that cell_table averages over seeds: (column, scale of the printed value, digits).
+# Per-run numbers that cell_table averages over seeds: column -> (scale of the printed value, digits).
 _CELL_METRICS = {
     "AP": (PCT, 1), "Spearman": (1.0, 3), "Pearson": (1.0, 3), "TP - FP mean score": (1.0, 3), "AP no ctr": (PCT, 1),
 }  # fmt: skip
@@ -465,8 +467,6 @@ def cell_table(results: Sequence[dict[str, Any]], baseline: str, *, confidence: 
     the mean scores of true and false positives, and AP without centerness; and for the
     correlations and the gap, the difference against cell ``baseline`` paired by seed, with its
     Student-t ``confidence`` interval (`` *``: it excludes 0)."""
-    from hcral.experiments.stats import format_ci, mean, paired_difference, std
-
     values: dict[str, dict[str, dict[int, float]]] = {}
     for (cell, seed), result in zip(cells_and_seeds([r["run"] for r in results]), results):
         for metric, v in _per_run(result).items():
@@ -479,7 +479,7 @@ def cell_table(results: Sequence[dict[str, Any]], baseline: str, *, confidence: 
         if not per_seed:
             return "-"
         xs = list(per_seed.values())
-        return f"{mean(xs) * scale:.{digits}f}" + (f" ± {std(xs) * scale:.{digits}f}" if len(xs) > 1 else "")
+        return f"{stats.mean(xs) * scale:.{digits}f}" + (f" ± {stats.std(xs) * scale:.{digits}f}" if len(xs) > 1 else "")
 
     header = ["cell", "n"]
     for metric in _CELL_METRICS:
@@ -490,8 +490,8 @@ def cell_table(results: Sequence[dict[str, Any]], baseline: str, *, confidence: 
         for metric, per_seed in per_metric.items():
             row.append(pm(metric, per_seed))
             if metric in _CELL_DIFFS:
-                diff = paired_difference(per_seed, values[baseline][metric], confidence=confidence)
-                row.append("(baseline)" if cell == baseline else format_ci(diff, scale=_CELL_METRICS[metric][0], digits=3))
+                diff = stats.paired_difference(per_seed, values[baseline][metric], confidence=confidence)
+                row.append("(baseline)" if cell == baseline else stats.format_ci(diff, scale=_CELL_METRICS[metric][0], digits=3))
         rows.append(row)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
