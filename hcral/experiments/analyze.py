@@ -491,7 +491,8 @@ def cell_table(results: Sequence[dict[str, Any]], baseline: str, *, confidence: 
             row.append(pm(metric, per_seed))
             if metric in _CELL_DIFFS:
                 diff = stats.paired_difference(per_seed, values[baseline][metric], confidence=confidence)
-                row.append("(baseline)" if cell == baseline else stats.format_ci(diff, scale=_CELL_METRICS[metric][0], digits=3))
+                scale = _CELL_METRICS[metric][0]
+                row.append("(baseline)" if cell == baseline else stats.format_ci(diff, scale=scale, digits=3))
         rows.append(row)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
