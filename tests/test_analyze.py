@@ -260,7 +260,7 @@ def test_analyze_command_writes_json_plots_and_table(tmp_path, capsys):
 def _result(run: str, ap: float, spearman: float | None, tp: float, fp: float, ap_off: float | None = None) -> dict:
     def setting(ap_value: float, rho: float | None) -> dict:
         return {
-            "ap": {"AP": ap_value, "AP50": 0.0, "AP75": 0.0, "AP90": 0.0, "AR100": 0.0},
+            "ap": {"AP": ap_value, "AP50": 0.0, "AP75": 0.0, "AP90": 0.0, "AR100": 2 * ap_value},
             "score_iou": {"n": 10, "spearman": rho, "pearson": None if rho is None else rho / 2},
             "tp_fp": {"tp_mean_score": tp, "fp_mean_score": fp},
         }
@@ -296,7 +296,7 @@ def test_cell_table_means_and_paired_differences_are_the_hand_computed_values(tm
     header = A.cell_table(results, "focal").splitlines()[0].strip("| ").split(" | ")
     focal, hcra = (dict(zip(header, rows[c])) for c in ("focal", "hcra_c"))
     assert focal["n"] == hcra["n"] == "3"
-    assert focal["AP"] == "11.0 ± 1.0" and hcra["AP"] == "8.0 ± 1.0"
+    assert focal["AP"] == "11.0 ± 1.0" and hcra["AP"] == "8.0 ± 1.0" and hcra["AR100"] == "16.0 ± 2.0"
     assert focal["Spearman"] == "0.320 ± 0.020" and focal["Δ Spearman"] == "(baseline)"
     # Seeds 0 and 1 pair: differences +0.10 and +0.02, mean +0.06, std 0.0566, t_{0.975,1} = 12.706.
     half = 12.706 * (0.08 / math.sqrt(2)) / math.sqrt(2)

@@ -422,7 +422,8 @@ def compare_table(results: Sequence[dict[str, Any]]) -> str:
 
 # Per-run numbers that cell_table averages over seeds: column -> (scale of the printed value, digits).
 _CELL_METRICS = {
-    "AP": (PCT, 1), "Spearman": (1.0, 3), "Pearson": (1.0, 3), "TP - FP mean score": (1.0, 3), "AP no ctr": (PCT, 1),
+    "AP": (PCT, 1), "AR100": (PCT, 1), "Spearman": (1.0, 3), "Pearson": (1.0, 3), "TP - FP mean score": (1.0, 3),
+    "AP no ctr": (PCT, 1),
 }  # fmt: skip
 # Columns that also get a paired difference against the baseline cell.
 _CELL_DIFFS = ("Spearman", "Pearson", "TP - FP mean score")
@@ -455,7 +456,8 @@ def _per_run(result: dict[str, Any]) -> dict[str, float]:
     off = result["settings"].get(CENTERNESS_OFF) if result["main"] != CENTERNESS_OFF else None
     tp, fp = main["tp_fp"]["tp_mean_score"], main["tp_fp"]["fp_mean_score"]
     values = {
-        "AP": main["ap"]["AP"], "Spearman": main["score_iou"]["spearman"], "Pearson": main["score_iou"]["pearson"],
+        "AP": main["ap"]["AP"], "AR100": main["ap"]["AR100"],
+        "Spearman": main["score_iou"]["spearman"], "Pearson": main["score_iou"]["pearson"],
         "TP - FP mean score": None if tp is None or fp is None else tp - fp, "AP no ctr": off["ap"]["AP"] if off else None,
     }  # fmt: skip
     return {k: float(v) for k, v in values.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
@@ -463,7 +465,7 @@ def _per_run(result: dict[str, Any]) -> dict[str, float]:
 
 def cell_table(results: Sequence[dict[str, Any]], baseline: str, *, confidence: float = 0.95) -> str:
     """One Markdown row per cell of an ablation's analyses (:func:`cells_and_seeds` names the cells):
-    the mean ± std over seeds of AP, Spearman and Pearson score-IoU correlation, the gap between
+    the mean ± std over seeds of AP, AR@100, Spearman and Pearson score-IoU correlation, the gap between
     the mean scores of true and false positives, and AP without centerness; and for the
     correlations and the gap, the difference against cell ``baseline`` paired by seed, with its
     Student-t ``confidence`` interval (`` *``: it excludes 0)."""
