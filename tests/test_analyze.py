@@ -296,6 +296,9 @@ def test_cell_table_means_and_paired_differences_are_the_hand_computed_values(tm
     header = A.cell_table(results, "focal").splitlines()[0].strip("| ").split(" | ")
     focal, hcra = (dict(zip(header, rows[c])) for c in ("focal", "hcra_c"))
     assert focal["n"] == hcra["n"] == "3"
+    # The baseline row comes first whatever the order of the runs.
+    table = A.cell_table(results[3:] + results[:3], "focal")
+    assert [r.split(" | ")[0][3:-1] for r in table.splitlines() if r.startswith("| `")] == ["focal", "hcra_c"]
     assert focal["AP"] == "11.0 ± 1.0" and hcra["AP"] == "8.0 ± 1.0" and hcra["AR100"] == "16.0 ± 2.0"
     assert focal["Spearman"] == "0.320 ± 0.020" and focal["Δ Spearman"] == "(baseline)"
     # Seeds 0 and 1 pair: differences +0.10 and +0.02, mean +0.06, std 0.0566, t_{0.975,1} = 12.706.

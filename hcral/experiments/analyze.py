@@ -487,7 +487,8 @@ def cell_table(results: Sequence[dict[str, Any]], baseline: str, *, confidence: 
     for metric in _CELL_METRICS:
         header += [metric] + ([f"Δ {metric}"] if metric in _CELL_DIFFS else [])
     rows = []
-    for cell, per_metric in values.items():
+    # The baseline row first, the others in the order their runs were given.
+    for cell, per_metric in sorted(values.items(), key=lambda item: item[0] != baseline):
         row = [f"`{cell}`", str(max(len(v) for v in per_metric.values()))]
         for metric, per_seed in per_metric.items():
             row.append(pm(metric, per_seed))
