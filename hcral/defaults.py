@@ -3,6 +3,10 @@
 Every function, module and config field takes its default from here. The values are the ones the
 project's sweeps chose on RetinaNet (docs/results.md, section 4; experiments/sweep_*.yaml). The
 paper searched on RetinaNet too and reused its values for ATSS and FCOS+ATSS.
+
+They are what HCRAL runs with when a config selects it. A config that selects nothing gets
+``LossConfig``'s defaults, FL + GIoU + ATSS, which is what the evidence supports (docs/results.md,
+summary): no HCRAL module beat what it replaces significantly in any study here.
 """
 
 HCRA_ALPHA = -0.1  # §2, α: offset of the region boundary score = IoU + α
