@@ -35,13 +35,18 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torchvision.ops import box_convert, box_iou
 
 from hcral.experiments import stats
+
+if TYPE_CHECKING:
+    from hcral.config import Config
+    from hcral.data import DetectionDataset
+    from hcral.models.detector import Detector
 
 __all__ = [
     "ANALYSIS",
@@ -54,6 +59,7 @@ __all__ = [
     "coco_ap",
     "coco_tp_fp",
     "compare_table",
+    "load_run",
     "max_same_class_iou",
     "pearson",
     "spearman",
@@ -271,6 +277,26 @@ def _settings(cfg: Any, with_centerness: bool) -> dict[str, bool]:
     return {CENTERNESS_ON if own else CENTERNESS_OFF: own, CENTERNESS_OFF if own else CENTERNESS_ON: not own}
 
 
+def load_run(run_dir: str | Path, overrides: Sequence[str] = ()) -> tuple[Config, DetectionDataset, Detector]:
+    """``(cfg, validation set, model)`` of the run in ``run_dir``: the checkpoint's config with
+    ``overrides`` of the keys ``hcral eval`` may change (:data:`hcral.checkpoint.INFERENCE_FREE`:
+    eval.*, data paths, device), the validation set built and checked as ``hcral eval`` builds it,
+    and the model on the CPU with the checkpoint's weights."""
+    from hcral.checkpoint import CHECKPOINT, inference_config, load_checkpoint, load_model_state
+    from hcral.data.check import check_splits, raise_if_problems
+    from hcral.models.build import build_model
+    from hcral.runner import build_dataset
+
+    path = Path(run_dir) / CHECKPOINT
+    ckpt = load_checkpoint(path)
+    cfg, _ = inference_config(ckpt, path, None, list(overrides))
+    dataset = build_dataset(cfg, train=False, class_names=ckpt.get("class_names"))
+    raise_if_problems(check_splits(None, dataset))
+    model = build_model(cfg, dataset.num_classes)
+    load_model_state(model, ckpt, path, loss_state=False)
+    return cfg, dataset, model
+
+
 def analyze_run(
     run_dir: str | Path, overrides: Sequence[str] = (), *, plots: bool = True, reuse: bool = False
 ) -> dict[str, Any]:
@@ -278,16 +304,12 @@ def analyze_run(
     two PNGs into it. With ``reuse``, an ``analysis.json`` written after the checkpoint with the
     same ``overrides`` is returned as it is, without inference.
 
-    The config is the checkpoint's, with ``overrides`` of the keys ``hcral eval`` may change
-    (:data:`hcral.checkpoint.INFERENCE_FREE`: eval.*, data paths, device); the validation set is
-    built as ``hcral eval`` builds it.
+    The run's config, validation set and model are :func:`load_run`'s.
     """
-    from hcral.checkpoint import CHECKPOINT, inference_config, load_checkpoint, load_model_state
+    from hcral.checkpoint import CHECKPOINT
     from hcral.config import cls_loss_label
-    from hcral.data.check import check_splits, raise_if_problems
     from hcral.engine import evaluate
-    from hcral.models.build import build_model
-    from hcral.runner import ResumableSampler, build_dataset, make_loader, resolve_device
+    from hcral.runner import ResumableSampler, make_loader, resolve_device
     from hcral.utils import write_json_atomic
 
     run = Path(run_dir)
@@ -297,13 +319,9 @@ def analyze_run(
         # Older files lack "overrides" and are redone; a newer checkpoint (the run trained on) too.
         if stored.get("overrides") == list(overrides) and (run / ANALYSIS).stat().st_mtime >= path.stat().st_mtime:
             return stored
-    ckpt = load_checkpoint(path)
-    cfg, _ = inference_config(ckpt, path, None, list(overrides))
+    cfg, dataset, model = load_run(run, overrides)
     device = resolve_device(cfg.train.device)
-    dataset = build_dataset(cfg, train=False, class_names=ckpt.get("class_names"))
-    raise_if_problems(check_splits(None, dataset))
-    model = build_model(cfg, dataset.num_classes).to(device)
-    load_model_state(model, ckpt, path, loss_state=False)
+    model.to(device)
     coco_gt = dataset.coco_gt()
     loader = make_loader(
         dataset, ResumableSampler(len(dataset), shuffle=False, pad=False), cfg.eval.batch_size, cfg.data.num_workers

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from hcral.experiments.analyze import cells_and_seeds
+from hcral.experiments.analyze import cells_and_seeds, load_run
 from hcral.models.detector import Detector
 
 __all__ = ["dead_fractions", "dead_units_run", "main"]
@@ -75,18 +75,11 @@ def dead_fractions(model: Detector, images: Tensor) -> dict[str, float | list[fl
 
 def dead_units_run(run_dir: str | Path, *, images: int = DEFAULT_IMAGES, overrides: Sequence[str] = ()) -> dict:
     """:func:`dead_fractions` of the run in ``run_dir`` (``config.yaml`` + ``checkpoint.pt``) on the
-    first ``images`` images of its validation set, built as ``hcral eval`` builds it."""
-    from hcral.checkpoint import CHECKPOINT, inference_config, load_checkpoint, load_model_state
+    first ``images`` images of its validation set (:func:`hcral.experiments.analyze.load_run`)."""
     from hcral.data import collate
-    from hcral.models.build import build_model
-    from hcral.runner import SIZE_DIVISOR, build_dataset
+    from hcral.runner import SIZE_DIVISOR
 
-    path = Path(run_dir) / CHECKPOINT
-    ckpt = load_checkpoint(path)
-    cfg, _ = inference_config(ckpt, path, None, list(overrides))
-    dataset = build_dataset(cfg, train=False, class_names=ckpt.get("class_names"))
-    model = build_model(cfg, dataset.num_classes)
-    load_model_state(model, ckpt, path, loss_state=False)
+    _, dataset, model = load_run(run_dir, overrides)
     batch, _ = collate([dataset[i] for i in range(min(images, len(dataset)))], size_divisor=SIZE_DIVISOR)
     return {"run": str(run_dir), "images": batch.shape[0], **dead_fractions(model, batch)}
 
