@@ -62,13 +62,12 @@ def table(ap: dict[tuple[str, str], dict[int, float]]) -> str:
                 lines.append(f"| {schedule} | `{loss}` | 0 | | | | |")
                 continue
             spread = f" ± {std(values):.1f}" if len(values) > 1 else ""
-            ratio = mean(values) / mean(list(ap[(schedule, BASELINE)].values()))
             if loss == BASELINE:
                 lines.append(f"| {schedule} | `{loss}` | {len(values)} | {mean(values):.1f}{spread} | 1 | (baseline) | |")
                 continue
-            gaps = _gaps(ap, schedule, loss)
-            d = paired_difference(gaps, {seed: 0.0 for seed in gaps})
-            per_seed = ", ".join(f"{g:+.1f}" for g in gaps.values())
+            ratio = mean(values) / mean(list(ap[(schedule, BASELINE)].values()))
+            d = paired_difference(ap[(schedule, loss)], ap[(schedule, BASELINE)])
+            per_seed = ", ".join(f"{g:+.1f}" for g in d.diffs.values())
             lines.append(
                 f"| {schedule} | `{loss}` | {len(values)} | {mean(values):.1f}{spread} | {ratio:.2f} | {format_ci(d)} | {per_seed} |"
             )

@@ -17,7 +17,6 @@ RetinaNet, whose head has no GroupNorm (MMDetection's RetinaNet head has none ei
 from __future__ import annotations
 
 import argparse
-import statistics
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from hcral.experiments import stats
 from hcral.experiments.analyze import cells_and_seeds, load_run
 from hcral.models.detector import Detector
 
@@ -85,7 +85,7 @@ def dead_units_run(run_dir: str | Path, *, images: int = DEFAULT_IMAGES, overrid
 
 
 def _mean_sd(values: list[float]) -> str:
-    return f"{statistics.mean(values):.2f}" + (f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else "")
+    return f"{stats.mean(values):.2f}" + (f" ± {stats.std(values):.2f}" if len(values) > 1 else "")
 
 
 def _row(name: str, r: dict) -> str:
@@ -116,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         by_cell[cell].append(r)
     print(f"\n{header.format('cell')}")
     for cell, rs in by_cell.items():
-        fpn = ", ".join(f"{statistics.mean(level):.1f}" for level in zip(*(r["fpn_abs_mean"] for r in rs)))
+        fpn = ", ".join(f"{stats.mean(level):.1f}" for level in zip(*(r["fpn_abs_mean"] for r in rs)))
         print(f"| `{cell}` (n={len(rs)}) | {_mean_sd([r['cls_dead'] for r in rs])} | {_mean_sd([r['reg_dead'] for r in rs])} | {fpn} |")
 
 
