@@ -54,7 +54,8 @@ EVAL_DIR = "eval"
 # on the number of loader workers, and periodic evaluation does not touch the training state).
 RESUME_FREE = (
     "out_dir", "train.max_iters", "train.device", "train.log_interval", "train.eval_interval",
-    "train.checkpoint_interval", "train.checkpoint_iters", "train.keep_freed_memory", "train.log_grad_share",
+    "train.checkpoint_interval", "train.checkpoint_iters", "train.signal_checkpoint", "train.keep_freed_memory",
+    "train.log_grad_share",
     "data.num_workers", "eval.*",
 )  # fmt: skip
 # Keys an evaluation or a prediction may set: its output, the detection thresholds and evaluation

@@ -164,9 +164,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"table written to {args.compare}", file=sys.stderr)
             return 0
         if args.command == "train":
-            from hcral.runner import train
+            from hcral.runner import TrainingInterrupted, train
 
-            metrics = train(_config(args), resume=args.resume, progress=not args.no_progress)
+            try:
+                metrics = train(_config(args), resume=args.resume, progress=not args.no_progress)
+            except TrainingInterrupted as e:  # not an error: the stop a scheduler or the user asked for
+                print(f"hcral train: {e}", file=sys.stderr)
+                return e.exit_code
         elif args.command == "eval":
             from hcral.checkpoint import eval_dir
             from hcral.runner import evaluate_checkpoint

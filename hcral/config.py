@@ -246,6 +246,9 @@ class TrainConfig:
     checkpoint_interval: int = num(1, **NON_NEGATIVE)  # epochs; 0: only at the end
     # Also write a resumable checkpoint every this many iterations (0: only at epoch ends).
     checkpoint_iters: int = num(0, **NON_NEGATIVE)
+    # On SIGTERM (preemption, a time limit) or SIGINT (Ctrl-C): finish the step under way, write the
+    # checkpoint, exit 143 / 130 (hcral.runner.TrainingInterrupted). false: the signal's default.
+    signal_checkpoint: bool = True
     deterministic: bool = True
     # CPU runs: glibc's malloc keeps freed memory for reuse instead of unmapping every large
     # tensor (hcral.utils.keep_freed_memory): steps about 1.5x faster, peak memory held to the end.
@@ -286,6 +289,47 @@ def _fields(obj: Any) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(obj)}
 
 
+def _to_float(key: str, value: Any) -> float:
+    """A float field's value: a YAML number, or text that Python's ``float()`` reads.
+
+    PyYAML follows YAML 1.1, whose floats need a dot, so ``1e-3`` and ``5E-4`` reach here as text
+    (from a file and from ``--set`` alike); ``.5`` and ``1_000.0`` are read the same way. ``nan``
+    and ``inf`` are numbers here and are refused by :func:`validate`'s range check, with the key.
+    """
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise ConfigError(f"{key}: expected a number, got {value!r}")
+
+
+def _to_int(key: str, value: Any) -> int:
+    """An integer field's value: a YAML integer, or text that Python's ``int()`` reads (``1_000``).
+
+    A number with a fraction or an exponent (``1.5``, ``2e3``) is refused, with why: it is a float.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            pass
+    try:
+        as_float = float(value) if isinstance(value, (str, float)) else None
+    except ValueError:
+        as_float = None
+    if as_float is not None and math.isfinite(as_float) and as_float == int(as_float):
+        raise ConfigError(
+            f"{key}: expected an integer, got {value!r}, a float (a decimal point or an exponent); "
+            f"write it as {int(as_float)}"
+        )
+    raise ConfigError(f"{key}: expected an integer, got {value!r}")
+
+
 def _check_value(key: str, value: Any, annotation: Any) -> Any:
     """Check ``value`` against a field's type, converting where YAML or --set is loose (int -> float)."""
     origin = typing.get_origin(annotation)
@@ -320,13 +364,9 @@ def _check_value(key: str, value: Any, annotation: Any) -> Any:
             raise ConfigError(f"{key}: expected true or false, got {value!r}")
         return value
     if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+        return _to_float(key, value)
     if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
+        return _to_int(key, value)
     if annotation is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")

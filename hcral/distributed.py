@@ -52,6 +52,16 @@ def reduce_sum(t: Tensor) -> Tensor:
     return t
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if ``flag`` is True on any (one collective; ``device`` is where the
+    backend reduces: CUDA for nccl)."""
+    if not is_dist():
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def all_gather_objects(obj: Any) -> list[Any]:
     """Every rank's ``obj``, in rank order (a single-element list without a process group)."""
     if not is_dist():

@@ -30,6 +30,31 @@ def autocast_context(device: torch.device, enabled: bool) -> contextlib.Abstract
     return contextlib.nullcontext()
 
 
+class NonFiniteLossError(FloatingPointError):
+    """The loss of a training step is NaN or infinite: names the terms that are, with the others'
+    values. ``iteration`` (1-based) is filled in by the caller that counts iterations."""
+
+    def __init__(self, terms: dict[str, float], bad_weight: str | None = None, iteration: int | None = None) -> None:
+        super().__init__(terms)
+        self.terms, self.bad_weight, self.iteration = terms, bad_weight, iteration
+
+    def __str__(self) -> str:
+        bad = ", ".join(f"{k}={v}" for k, v in self.terms.items() if not math.isfinite(v))
+        good = ", ".join(f"{k}={v:.4g}" for k, v in self.terms.items() if math.isfinite(v))
+        where = "" if self.iteration is None else f" at iteration {self.iteration}"
+        # Non-finite weights make every term non-finite: the update before this step diverged.
+        weights = f"; the weights were non-finite already (first: {self.bad_weight})" if self.bad_weight else ""
+        return (
+            f"non-finite loss{where}: {bad}" + (f" (finite: {good})" if good else "") + weights
+            + "; lower train.lr or set train.grad_clip"
+        )
+
+
+def first_non_finite_parameter(model: nn.Module) -> str | None:
+    """The name of the first parameter holding a NaN or an infinity, or None."""
+    return next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+
+
 def train_one_epoch(
     model: nn.Module,
     batches: Iterable,
@@ -55,8 +80,7 @@ def train_one_epoch(
             terms = model(images, targets)
         loss = sum(terms.values())
         if not torch.isfinite(loss):
-            values = {k: float(v.detach()) for k, v in terms.items()}
-            raise FloatingPointError(f"non-finite loss {values}; lower train.lr or set train.grad_clip")
+            raise NonFiniteLossError({k: float(v.detach()) for k, v in terms.items()}, first_non_finite_parameter(model))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = None

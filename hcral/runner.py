@@ -8,12 +8,15 @@ sees the same batches as one that never stopped, whatever the number of loader w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -41,15 +44,18 @@ from hcral.data import (
 )
 from hcral.data.base import SubsetDataset, holdout_indices
 from hcral.data.check import check_splits, collect_images, raise_if_problems
-from hcral.engine import evaluate, train_one_epoch
+from hcral.engine import NonFiniteLossError, evaluate, train_one_epoch
 from hcral.models.build import build_model
 from hcral.models.detector import Detector
-from hcral.utils import add_note, keep_freed_memory, rng_state, seed_everything, set_rng_state, torch_save_atomic, write_json_atomic
+from hcral.utils import add_note, append_text, keep_freed_memory, rng_state, seed_everything, set_rng_state, torch_save_atomic, write_json_atomic
 
 # Pad inputs to a multiple of this: the coarsest backbone stride (C5, 32), as MMDetection pads.
 SIZE_DIVISOR = 32
 # Detections drawn into predict's PNGs: this score or more (predictions.json keeps all).
 DRAW_SCORE_THR = 0.3
+# Signals that ask a training run to stop: SLURM, Kubernetes and torchrun send SIGTERM before they
+# kill (preemption, time limit), a terminal's Ctrl-C sends SIGINT.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,11 +212,20 @@ def aspect_groups(dataset: DetectionDataset) -> list[int]:
     return [int(h > w) for h, w in (dataset.image_hw(i) for i in range(len(dataset)))]
 
 
+def _leave_stop_signals_to_the_main_process(worker_id: int) -> None:
+    """Loader workers ignore SIGTERM and SIGINT: Ctrl-C and SLURM's scancel signal every process of
+    the job, and the main process must finish its step and checkpoint before the workers go. A
+    worker still exits when the main process does (the loader's watchdog)."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def make_loader(dataset: Dataset, sampler: Sampler, batch_size: int, num_workers: int, seed: int = 0) -> DataLoader:
     return DataLoader(
         dataset,
         batch_sampler=BatchSampler(sampler, batch_size, drop_last=False),
         num_workers=num_workers,
+        worker_init_fn=_leave_stop_signals_to_the_main_process,
         collate_fn=partial(collate, size_divisor=SIZE_DIVISOR),  # picklable for any worker start method
         persistent_workers=False,  # workers re-read the epoch of SeededAugmentation at each epoch
         # Worker seeds come from this generator, not the global RNG, so building a loader (at a
@@ -285,8 +300,7 @@ class JsonlLog:
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_text(self.path, json.dumps(record) + "\n")
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -300,12 +314,50 @@ def _progress(total: int, initial: int, enabled: bool):
 # ---------------------------------------------------------------------------------------------
 
 
+class TrainingInterrupted(Exception):
+    """SIGTERM or SIGINT stopped ``train`` after a step, and the checkpoint of that step is written.
+    ``exit_code`` is what a shell reports for a process the signal killed (128 + its number), so a
+    scheduler (SLURM's requeue, a Kubernetes restart policy) sees the stop it asked for."""
+
+    def __init__(self, signum: int, iteration: int, checkpoint: Path, config: Path) -> None:
+        self.signum, self.iteration = signum, iteration
+        self.exit_code = 128 + signum
+        super().__init__(
+            f"received {signal.Signals(signum).name}; checkpoint written at iteration {iteration}: {checkpoint}; "
+            f"continue with: hcral train {config} --resume"
+        )
+
+
+@contextlib.contextmanager
+def _stop_requests(enabled: bool) -> Iterator[list[int]]:
+    """The STOP_SIGNALS received inside, in order. They are only recorded: the step under way
+    finishes, and a second signal cannot cut the checkpoint write short. Python handles signals in
+    the main thread only, so elsewhere (or when not ``enabled``) nothing changes."""
+    received: list[int] = []
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {signum: signal.signal(signum, lambda signum, frame: received.append(signum)) for signum in STOP_SIGNALS}
+    try:
+        yield received
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+
+
 def train(cfg: Config, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train as the config says; returns the last metrics (or {} if evaluation is off).
 
     A folder that already holds a run is an error unless ``resume``; a resume continues from its
     checkpoint only with the same config (hcral/checkpoint.py says which settings may change).
+    With ``train.signal_checkpoint``, SIGTERM or SIGINT ends the run after the step under way with
+    a checkpoint of that step, raising :class:`TrainingInterrupted`.
     """
+    with _stop_requests(cfg.train.signal_checkpoint) as stop_signals:
+        return _train(cfg, resume=resume, progress=progress, stop_signals=stop_signals)
+
+
+def _train(cfg: Config, *, resume: bool, progress: bool, stop_signals: list[int]) -> dict[str, Any]:
     validate(cfg)
     device = resolve_device(cfg.train.device)
     if device.type == "cpu" and cfg.train.keep_freed_memory:
@@ -401,6 +453,11 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True) -> dict[s
         bar.set_postfix({k[5:] if k.startswith("loss_") else k: f"{v:.3f}" for k, v in record.items() if k.startswith("loss")})
         if cfg.train.checkpoint_iters and it % cfg.train.checkpoint_iters == 0:
             checkpoint()
+        # Every rank stops at the same step (a signal may reach the ranks at different steps).
+        if cfg.train.signal_checkpoint and D.any_rank(bool(stop_signals), device):
+            if saved_iter != it:
+                checkpoint()
+            raise TrainingInterrupted(stop_signals[0] if stop_signals else signal.SIGTERM, it, ckpt_path, out / RUN_CONFIG)
         return it >= total_iters
 
     try:
@@ -425,7 +482,11 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True) -> dict[s
                     log.write({"iter": position["global_iter"], "epoch": e, **{f"val_{k}": v for k, v in metrics.items()}})
             if finished:
                 break
+    except TrainingInterrupted:
+        raise
     except Exception as e:
+        if isinstance(e, NonFiniteLossError):
+            e.iteration = position["global_iter"] + 1  # the step that failed was never counted
         add_note(e, _resume_hint(out, position["global_iter"], saved_iter))
         raise
     finally:
@@ -507,11 +568,9 @@ def predict(
     detections with a score of at least ``score_thr``; ``predictions.json`` holds all of them
     (down to ``eval.score_thr``). ``ckpt`` is the checkpoint if the caller has loaded it already.
     """
-    from torchvision.transforms.v2.functional import to_pil_image
-
     from hcral.data import empty_target, load_image
     from hcral.evaluation import detections_to_coco
-    from hcral.visualize import draw_detections
+    from hcral.visualize import draw_detections, write_png_atomic
 
     if not 0.0 <= score_thr <= 1.0:
         raise ValueError(f"score_thr must be in [0, 1], got {score_thr}")
@@ -540,6 +599,6 @@ def predict(
             d["file_name"] = path.name
         results.extend(dets)
         drawn = draw_detections(image, dets, class_names, cat_ids, score_thr=score_thr)
-        to_pil_image(drawn).save(out / f"{path.stem}.png")
+        write_png_atomic(drawn, out / f"{path.stem}.png")
     write_json_atomic(out / "predictions.json", results)
     return results

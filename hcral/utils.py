@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import ctypes
+import errno
+import io
 import json
 import os
-import sys
 import random
+import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,24 +24,75 @@ _FILE_MODE = 0o644
 _TMP_PREFIX, _TMP_SUFFIX = ".", ".tmp"
 
 
-def _atomic_replace(path: str | Path, write: Any) -> Path:
-    """Write through a temporary file in the same folder, fsync, then rename: readers never see
-    half a file, and a crash leaves the old file intact. Parent folders are created."""
+class WriteError(OSError):
+    """A file could not be written: names the file and the reason; for a full disk also how much
+    space is free there and how much the file needs. ``errno`` is the underlying one."""
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB" if n >= 2**20 else f"{n:,} bytes"
+
+
+def _free_bytes(folder: Path) -> int | None:
+    """Free space for an unprivileged writer in ``folder`` or its nearest existing parent."""
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            try:
+                return shutil.disk_usage(candidate).free
+            except OSError:
+                return None
+    return None
+
+
+def write_error(path: str | Path, e: OSError | None, *, needed: int | None = None, note: str = "") -> WriteError:
+    """The :class:`WriteError` for a failed write of ``path`` (``e``: what the write raised; None
+    when a check found too little space before writing). ``note`` is added, e.g. what survived."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
+    free = _free_bytes(path.parent)
+    full = e is None or e.errno in (errno.ENOSPC, errno.EDQUOT)
+    if full:
+        reason = "no space left on the device"
+        if free is not None:
+            reason += f" ({_size(free)} free in {path.parent}"
+            reason += f", the file needs {_size(needed)})" if needed is not None else ")"
+    else:
+        reason = e.strerror or str(e)
+    error = WriteError(f"cannot write {path}: {reason}" + (f"; {note}" if note else ""))
+    error.errno = errno.ENOSPC if e is None else e.errno
+    return error
+
+
+def _atomic_replace(path: str | Path, data: bytes | memoryview) -> Path:
+    """Write ``data`` through a temporary file in the same folder, fsync, then rename: readers never
+    see half a file, and a failed write (a full disk, a kill) leaves the old file intact. Parent
+    folders are created. The data is whole before the first byte is written, so its size is known:
+    too little free space fails before anything is touched, and a failure names the file."""
+    path = Path(path)
+    kept = f"the previous {path.name} is intact" if path.exists() else ""
+    free = _free_bytes(path.parent)
+    if free is not None and len(data) > free:
+        raise write_error(path, None, needed=len(data), note=kept)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            _write_all(f, data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and not isinstance(e, WriteError):
+            raise write_error(path, e, needed=len(data), note=kept) from e
         raise
     return path
+
+
+def _write_all(f: Any, data: bytes | memoryview) -> None:
+    f.write(data)
 
 
 def remove_stale_temp_files(folder: str | Path) -> list[Path]:
@@ -51,8 +105,12 @@ def remove_stale_temp_files(folder: str | Path) -> list[Path]:
     return stale
 
 
+def write_bytes_atomic(path: str | Path, data: bytes | memoryview) -> Path:
+    return _atomic_replace(path, data)
+
+
 def write_text_atomic(path: str | Path, text: str) -> Path:
-    return _atomic_replace(path, lambda f: f.write(text.encode()))
+    return _atomic_replace(path, text.encode())
 
 
 def write_json_atomic(path: str | Path, obj: Any, *, indent: int | None = None) -> Path:
@@ -60,7 +118,21 @@ def write_json_atomic(path: str | Path, obj: Any, *, indent: int | None = None) 
 
 
 def torch_save_atomic(obj: Any, path: str | Path) -> None:
-    _atomic_replace(path, lambda f: torch.save(obj, f))
+    # Serialised in memory first (one copy of the checkpoint's bytes): its size is then known before
+    # the disk is touched, and a full disk is an OSError naming the file, not torch's "[enforce fail
+    # at inline_container.cc] unexpected pos".
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    _atomic_replace(path, buffer.getbuffer())
+
+
+def append_text(path: str | Path, text: str) -> None:
+    """Append ``text`` to ``path`` (a log); a failed write names the file and the reason."""
+    try:
+        with open(path, "a") as f:
+            f.write(text)
+    except OSError as e:
+        raise write_error(path, e, needed=len(text.encode())) from e
 
 
 def add_note(e: BaseException, note: str) -> None:

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.v2.functional as TF
 from torch import Tensor
+from torchvision.io import encode_png
 from torchvision.utils import draw_bounding_boxes, make_grid
 
-__all__ = ["PALETTE", "draw_dataset_detections", "draw_detections", "line_width_for", "font_size_for"]
+from hcral.utils import write_bytes_atomic
+
+__all__ = ["PALETTE", "draw_dataset_detections", "draw_detections", "line_width_for", "font_size_for", "write_png_atomic"]
 
 # Distinct colours for up to 10 classes, then they repeat.
 PALETTE = [
@@ -117,7 +119,9 @@ def draw_dataset_detections(
     # Each tile top-left in a cell of the largest size, on white.
     cells = [F.pad(t, (0, w - t.shape[-1], 0, h - t.shape[-2]), value=GRID_BACKGROUND) for t in tiles]
     grid = make_grid(cells, nrow=columns, padding=0, pad_value=GRID_BACKGROUND)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    TF.to_pil_image(grid).save(path)
-    return path
+    return write_png_atomic(grid, path)
+
+
+def write_png_atomic(image: Tensor, path: str | Path) -> Path:
+    """Save a uint8 (3, H, W) image as a PNG, atomically; a failed write names the file and why."""
+    return write_bytes_atomic(path, encode_png(image).numpy().tobytes())

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -473,3 +476,293 @@ def test_demo_help_explains_every_option(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "folder for the runs" in out and "override a value of the demo's config" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 24, item 1: numbers as people write them, in a YAML file and in --set alike
+# ---------------------------------------------------------------------------------------------
+
+
+def config_with(tmp_path: Path, source: str, key: str, text: str) -> tuple[Path, list[str]]:
+    """TINY with ``key`` written as ``text``, unquoted, in the YAML file or as a --set."""
+    if source == "set":
+        return write_config(tmp_path / "tiny.yaml"), ["--set", f"{key}={text}"]
+    section, name = key.split(".")
+    path = write_config(tmp_path / "tiny.yaml", **{section: {name: "XVALUEX"}})
+    path.write_text(path.read_text().replace("XVALUEX", text))
+    return path, []
+
+
+@pytest.mark.parametrize("source", ["file", "set"])
+@pytest.mark.parametrize(
+    ("key", "text", "value"),
+    [
+        ("train.lr", "1e-3", 1e-3),
+        ("train.weight_decay", "5E-4", 5e-4),
+        ("train.warmup_ratio", ".5", 0.5),
+        ("train.grad_clip", "1_000.0", 1000.0),
+        ("train.lr", "1e6", 1e6),
+        ("train.lr", "2", 2.0),  # an integer where a float goes
+        ("train.warmup_iters", "1_000", 1000),
+    ],
+)
+def test_numbers_are_read_as_python_reads_them(tmp_path, source, key, text, value):
+    path, sets = config_with(tmp_path, source, key, text)
+    cfg = load_config(path, sets[1:])
+    section, name = key.split(".")
+    got = getattr(getattr(cfg, section), name)
+    assert got == value and type(got) is type(value)
+
+
+@pytest.mark.parametrize("source", ["file", "set"])
+@pytest.mark.parametrize(
+    ("key", "text", "message"),
+    [
+        ("train.epochs", "2e3", "train.epochs: expected an integer, got {text}, a float (a decimal point or an exponent); write it as 2000"),
+        ("train.warmup_iters", "500.0", "train.warmup_iters: expected an integer, got {text}, a float (a decimal point or an exponent); write it as 500"),
+        ("train.epochs", "1.5", "train.epochs: expected an integer, got {text}"),
+        ("train.lr", "1e-3x", "train.lr: expected a number, got '1e-3x'"),
+        ("train.lr", "nan", "train.lr=nan: must be finite and > 0"),
+        ("train.weight_decay", "inf", "train.weight_decay=inf: must be finite and >= 0"),
+        ("train.lr", "-1e-3", "train.lr=-0.001: must be > 0"),
+    ],
+)
+def test_numbers_that_do_not_fit_the_field_are_named(tmp_path, capsys, source, key, text, message):
+    path, sets = config_with(tmp_path, source, key, text)
+    code, err = run_cli(capsys, "train", path, *sets, "--out", tmp_path / "run")
+    # YAML (of the file and of --set) reads 500.0 and 1.5 as floats, shown bare; 2e3 as text, quoted.
+    shown = text if "." in text else repr(text)
+    line = error_line(err)
+    assert code == 2 and message.format(text=shown) in line, line
+    assert (str(path) in line) == (source == "file")  # a value from the file names the file
+    assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 24, item 4: a diverging run says at which iteration, which term, and what survives
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_diverging_lr_names_the_iteration_the_terms_and_the_last_checkpoint(tmp_path, capsys):
+    import re
+
+    config = write_config(tmp_path / "tiny.yaml", train={"max_iters": 8})
+    run = tmp_path / "run"
+    code, err = run_cli(capsys, "train", config, "--out", run, "--set", "train.lr=1e6", "--no-progress")
+    line = error_line(err)
+    found = re.search(r"non-finite loss at iteration (\d+): (loss_\w+=(nan|inf))", line)
+    assert code == 1 and found, line
+    failed = int(found.group(1))
+    assert 1 < failed <= 8
+    assert f"last good checkpoint: {run / CHECKPOINT} (iteration {failed - 1})" in line
+    assert f"continue with: hcral train {run / 'config.yaml'} --resume" in line
+    assert "lower train.lr" in line
+    assert torch.load(run / CHECKPOINT, weights_only=False)["global_iter"] == failed - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 24, item 3: a full disk says so, names the file, and the last good checkpoint survives
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_full_disk_during_a_checkpoint_write_names_the_space_and_keeps_the_last_one(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import hcral.utils
+
+    real_write = hcral.utils._write_all
+    big_writes = []
+
+    def write_that_fills_the_disk(f, data):  # the checkpoint is the only large file
+        if len(data) > 100_000:
+            big_writes.append(len(data))
+            if len(big_writes) == 2:
+                f.write(bytes(data)[: len(data) // 2])
+                raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(f, data)
+
+    monkeypatch.setattr(hcral.utils, "_write_all", write_that_fills_the_disk)
+    run = tmp_path / "run"
+    code, err = run_cli(capsys, "train", write_config(tmp_path / "tiny.yaml"), "--out", run, "--no-progress")
+    line = error_line(err)
+    assert code == 1
+    assert f"cannot write {run / CHECKPOINT}: no space left on the device (" in line and f"free in {run}" in line
+    assert "the file needs" in line and "the previous checkpoint.pt is intact" in line
+    assert f"last good checkpoint: {run / CHECKPOINT} (iteration 1)" in line
+    assert "inline_container" not in line
+    assert torch.load(run / CHECKPOINT, weights_only=False)["global_iter"] == 1
+    assert not list(run.glob(".*.tmp"))
+
+
+def test_too_little_free_space_is_found_before_writing(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    real_usage = shutil.disk_usage
+
+    def usage(path):  # the disk fills up once the first checkpoint is written
+        total, used, free = real_usage(path)
+        return type(real_usage(path))(total, used, 10_000 if (run / CHECKPOINT).exists() else free)
+
+    monkeypatch.setattr(shutil, "disk_usage", usage)
+    code, err = run_cli(capsys, "train", write_config(tmp_path / "tiny.yaml"), "--out", run, "--no-progress")
+    line = error_line(err)
+    size = (run / CHECKPOINT).stat().st_size
+    assert code == 1 and f"cannot write {run / CHECKPOINT}: no space left on the device (10,000 bytes free in {run}" in line
+    assert f"the file needs {size / 2**20:,.1f} MiB" in line or f"the file needs {size:,} bytes" in line
+    assert torch.load(run / CHECKPOINT, weights_only=False)["global_iter"] == 1
+
+
+def _no_space_for(monkeypatch, name: str) -> None:
+    """Creating the temporary file of an atomic write of ``name`` fails as on a full disk."""
+    import errno
+    import tempfile
+
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp(*args, prefix=None, **kwargs):
+        if prefix is not None and prefix.startswith(f".{name}."):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_mkstemp(*args, prefix=prefix, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+
+
+@pytest.mark.parametrize(("command", "name"), [("eval", "metrics.json"), ("eval", "detections.json"), ("predict", "predictions.json"), ("predict", "img.png")])
+def test_a_full_disk_names_each_result_file(trained, tmp_path, capsys, monkeypatch, command, name):
+    from hcral.runner import build_dataset
+
+    run, config = trained
+    out = tmp_path / "out"
+    argv = [command, config, "--checkpoint", run / CHECKPOINT, "--out", out]
+    if command == "predict":
+        image = tmp_path / "img.png"
+        torchvision.io.write_png(build_dataset(load_config(run / "config.yaml"), train=False).load_image(0), str(image))
+        argv.insert(4, image)
+    _no_space_for(monkeypatch, name)
+    code, err = run_cli(capsys, *argv)
+    assert code == 1 and f"cannot write {out / name}: no space left on the device (" in error_line(err)
+
+
+def test_a_full_disk_names_the_log(tmp_path, capsys, monkeypatch):
+    import builtins
+
+    import hcral.utils
+
+    def open_on_a_full_disk(path, mode="r", *args, **kwargs):  # /dev/full: every write fails with ENOSPC
+        return builtins.open("/dev/full" if Path(path).name == "log.jsonl" else path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(hcral.utils, "open", open_on_a_full_disk, raising=False)
+    run = tmp_path / "run"
+    code, err = run_cli(capsys, "train", write_config(tmp_path / "tiny.yaml"), "--out", run, "--no-progress")
+    line = error_line(err)
+    assert code == 1 and f"cannot write {run / 'log.jsonl'}: no space left on the device (" in line
+    assert "stopped after iteration 1; no checkpoint was written yet" in line  # the log comes first
+
+
+def test_a_write_that_fails_for_another_reason_names_the_file_and_the_reason(tmp_path):
+    from hcral.utils import WriteError, write_text_atomic
+
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(WriteError, match=rf"^cannot write {tmp_path / 'a_file' / 'metrics.json'}: ") as e:
+        write_text_atomic(tmp_path / "a_file" / "metrics.json", "{}")
+    assert "no space" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 24, item 2: SIGTERM and SIGINT end a run after the step under way, with a checkpoint
+# ---------------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+# 8 images, batch 2, 3 epochs: 12 iterations; no periodic checkpoint, so only the signal writes one.
+PREEMPTIBLE = {"epochs": 3, "max_iters": None, "checkpoint_iters": 0, "checkpoint_interval": 0, "eval_interval": 0}
+
+
+def hcral_process(*argv) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "hcral", *map(str, argv)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO
+    )
+
+
+def signal_after_first_step(proc: subprocess.Popen, log: Path, signum: int, times: int = 1) -> None:
+    deadline = time.monotonic() + 120
+    while not (log.is_file() and log.read_text().count("\n") >= 1):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() is not None else "timeout"
+        time.sleep(0.02)
+    for _ in range(times):
+        proc.send_signal(signum)
+
+
+def assert_same_training_state(a: dict, b: dict) -> None:
+    assert a["global_iter"] == b["global_iter"] and a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    assert a["scheduler"] == b["scheduler"]
+
+
+def test_sigterm_checkpoints_and_resume_equals_an_uninterrupted_run(tmp_path):
+    config = write_config(tmp_path / "tiny.yaml", train=PREEMPTIBLE, data={"num_workers": 1})
+    straight = hcral_process("train", config, "--out", tmp_path / "straight", "--no-progress")
+    run = tmp_path / "run"
+    proc = hcral_process("train", config, "--out", run, "--no-progress")
+    # Two signals, as a scheduler that repeats itself: the second falls in the step or the write.
+    signal_after_first_step(proc, run / "log.jsonl", signal.SIGTERM, times=2)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 143, err
+    stopped = torch.load(run / CHECKPOINT, weights_only=False)["global_iter"]
+    assert 1 <= stopped < 12, "the run ended before the signal; make it longer"
+    assert err.strip().splitlines()[-1] == (
+        f"hcral train: received SIGTERM; checkpoint written at iteration {stopped}: {run / CHECKPOINT}; "
+        f"continue with: hcral train {run / 'config.yaml'} --resume"
+    )
+    assert "Traceback" not in err and not list(run.glob(".*.tmp"))
+    resumed = hcral_process("train", run / "config.yaml", "--resume", "--no-progress")
+    assert resumed.wait(timeout=300) == 0 and straight.wait(timeout=300) == 0
+    a = torch.load(tmp_path / "straight" / CHECKPOINT, weights_only=False)
+    b = torch.load(run / CHECKPOINT, weights_only=False)
+    assert a["global_iter"] == 12
+    assert_same_training_state(a, b)  # bit-identical, as after a kill -9 and resume
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in records if "loss" in r] == list(range(1, 13))  # each step logged once
+
+
+def test_sigint_in_a_step_checkpoints_that_step_despite_a_second_signal_in_the_write(tmp_path, capsys, monkeypatch):
+    """Deterministic, in this process: SIGINT (Ctrl-C) arrives during iteration 3, another one
+    while its checkpoint is written."""
+    import hcral.runner
+    from hcral.models.heads.dense_head import DenseHead
+
+    calls = []
+    real_loss, real_save = DenseHead.loss, hcral.runner.torch_save_atomic
+
+    def loss_then_ctrl_c(self, feats, targets):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_loss(self, feats, targets)
+
+    def save_while_signalled(obj, path):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)  # the handler runs here, in the middle of the write
+        real_save(obj, path)
+
+    monkeypatch.setattr(DenseHead, "loss", loss_then_ctrl_c)
+    monkeypatch.setattr(hcral.runner, "torch_save_atomic", save_while_signalled)
+    before = signal.getsignal(signal.SIGINT)
+    run = tmp_path / "run"
+    config = write_config(tmp_path / "tiny.yaml", train=PREEMPTIBLE)
+    code, err = run_cli(capsys, "train", config, "--out", run, "--no-progress")
+    assert code == 130, err
+    assert f"received SIGINT; checkpoint written at iteration 3: {run / CHECKPOINT}" in err
+    assert torch.load(run / CHECKPOINT, weights_only=False)["global_iter"] == 3
+    assert signal.getsignal(signal.SIGINT) is before  # the handlers are put back
+
+
+def test_signal_checkpoint_false_leaves_the_signal_its_default(tmp_path):
+    config = write_config(tmp_path / "tiny.yaml", train={**PREEMPTIBLE, "signal_checkpoint": False})
+    run = tmp_path / "run"
+    proc = hcral_process("train", config, "--out", run, "--no-progress")
+    signal_after_first_step(proc, run / "log.jsonl", signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGTERM and not (run / CHECKPOINT).exists()
