@@ -76,6 +76,8 @@ from benchmarks.common import (
 )
 from hcral.config import load_config
 from hcral.models.build import build_model
+from hcral.precision import autocast
+from hcral.runner import to_memory_format
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = 0
@@ -103,6 +105,14 @@ TV_TEST_NAMES = {
     "nms_iou": "nms_thresh", "max_per_img": "detections_per_img",
 }  # fmt: skip
 MALLOC_MMAP_THRESHOLD = 64 * 1024
+# --bf16: a contender under bf16 autocast is its name with this suffix. hcral's run as `hcral train`
+# runs them on a CPU with train.amp (channels_last, hcral/precision.py); torchvision's as a
+# torchvision user would add autocast (NCHW).
+BF16 = "_bf16"
+
+
+def base_name(contender: str) -> str:
+    return contender.removesuffix(BF16)
 
 DETECTORS = {
     "fcos_atss": {
@@ -214,16 +224,28 @@ def param_counts(model: nn.Module) -> dict[str, int]:
     return {"total": sum(p.numel() for p in params), "trainable": sum(p.numel() for p in params if p.requires_grad)}
 
 
+def bf16_inputs(model: nn.Module, contender: str, images: torch.Tensor) -> tuple[nn.Module, torch.Tensor, bool]:
+    """``(model, images, amp)`` as the contender runs: under bf16 hcral's also go channels_last."""
+    amp = contender.endswith(BF16)
+    if amp and not base_name(contender).startswith("torchvision"):
+        model = to_memory_format(model, True)
+        images = images.contiguous(memory_format=torch.channels_last)
+    return model, images, amp
+
+
 def train_step(model: nn.Module, contender: str, batch: tuple[torch.Tensor, list[dict]]) -> Callable[[], float]:
     images, targets = batch
-    inputs = model_inputs(contender, images)
+    model, images, amp = bf16_inputs(model, contender, images)
+    device = images.device
+    inputs = model_inputs(base_name(contender), images)
     optimizer = torch.optim.SGD(
         [p for p in model.parameters() if p.requires_grad], lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY
     )
     model.train()
 
     def step() -> float:
-        terms = model(inputs, targets)
+        with autocast(device, amp):
+            terms = model(inputs, targets)
         loss = sum(terms.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -235,11 +257,12 @@ def train_step(model: nn.Module, contender: str, batch: tuple[torch.Tensor, list
 
 
 def inference(model: nn.Module, contender: str, images: torch.Tensor) -> Callable[[], list[dict]]:
-    inputs = model_inputs(contender, images)
+    model, images, amp = bf16_inputs(model, contender, images)
+    inputs = model_inputs(base_name(contender), images)
     model.eval()
 
     def infer() -> list[dict]:
-        with torch.no_grad():
+        with torch.no_grad(), autocast(images.device, amp):
             return model(inputs)
 
     return infer
@@ -297,12 +320,16 @@ def timed(calls: dict[str, Callable[[], object]], repeats: int, args: argparse.N
     return {"wall_s": wall, "cpu_s": cpu}
 
 
+INFERENCE_CONTENDERS = ["hcral_baseline", "torchvision"]
+
+
 def time_detector(detector: str, args: argparse.Namespace, size: int, device: torch.device) -> dict:
     """Training steps of the two hcral configs and torchvision's, then inference in both regimes."""
     contenders = [*DETECTORS[detector]["configs"], "torchvision"]
+    contenders += [c + BF16 for c in contenders] if args.bf16 else []
     batch = make_batch(size, device)
     out: dict = {"inference": {}, "detections": {}}
-    models = {c: build(detector, c, size, tv_as_built=args.torchvision_as_built).to(device) for c in contenders}
+    models = {c: build(detector, base_name(c), size, tv_as_built=args.torchvision_as_built).to(device) for c in contenders}
     out["params"] = {c: param_counts(m) for c, m in models.items()}
     steps = {c: train_step(m, c, batch) for c, m in models.items()}
     out["train"] = timed(steps, args.repeats, args, device)
@@ -313,8 +340,8 @@ def time_detector(detector: str, args: argparse.Namespace, size: int, device: to
     for regime in REGIMES:
         # Inference does not depend on the losses: one hcral model (the baseline config's) per regime.
         models = {
-            c: build(detector, c, size, regime, tv_as_built=args.torchvision_as_built).to(device)
-            for c in ("hcral_baseline", "torchvision")
+            c: build(detector, base_name(c), size, regime, tv_as_built=args.torchvision_as_built).to(device)
+            for c in INFERENCE_CONTENDERS + ([c + BF16 for c in INFERENCE_CONTENDERS] if args.bf16 else [])
         }
         calls = {c: inference(m, c, batch[0]) for c, m in models.items()}
         out["detections"][regime] = {c: [len(d["boxes"]) for d in fn()] for c, fn in calls.items()}
@@ -382,6 +409,19 @@ def run(args: argparse.Namespace) -> dict:
             label = f"{title} inference, {regime} ({ips[0]:.2f} vs {ips[1]:.2f} images/s)"
             row, ratios[f"{d} inference {regime}"] = ratio_row(label, group, "hcral_baseline", "torchvision")
             rows.append(row)
+        if args.bf16:  # hcral under bf16 against torchvision in float32, and under the same autocast
+            for tv in ("torchvision", "torchvision" + BF16):
+                against = "tv bf16" if tv.endswith(BF16) else "tv fp32"
+                for c in DETECTORS[d]["configs"]:
+                    label = f"{title} train step, hcral {LOSSES[(d, c)]} bf16 vs {against}"
+                    row, ratios[f"{d} train {c} bf16 vs {against}"] = ratio_row(label, r["train"], c + BF16, tv)
+                    rows.append(row)
+                for regime in REGIMES:
+                    label = f"{title} inference, {regime}, hcral bf16 vs {against}"
+                    row, ratios[f"{d} inference {regime} bf16 vs {against}"] = ratio_row(
+                        label, r["inference"][regime], "hcral_baseline" + BF16, tv
+                    )
+                    rows.append(row)
     label = "ResNet-50 C3-C5 forward alone, no grad"
     row, ratios["backbone forward"] = ratio_row(label, backbone, "hcral", "torchvision")
     rows.append(row)
@@ -418,6 +458,7 @@ def run(args: argparse.Namespace) -> dict:
             "num_classes": NUM_CLASSES, "batch_size": BATCH_SIZE, "image_size": size, "gts_per_image": GTS_PER_IMAGE,
             "gt_sides_px": GT_SIDES, "sgd": {"lr": LR, "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY},
             "inference_regimes": REGIMES, "device": args.device, "torchvision_as_built": args.torchvision_as_built,
+            "bf16": args.bf16,
         },  # fmt: skip
         "repeats": {"train": args.repeats, "inference": args.inference_repeats, "warmup": args.warmup},
         "results": results,
@@ -448,6 +489,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torchvision's detectors as weights=None builds them (BatchNorm trained, all layers trainable)",
     )  # fmt: skip
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one call of each")
+    p.add_argument(
+        "--bf16", action="store_true",
+        help="also every contender under bf16 autocast: rows of hcral bf16 against torchvision fp32 and bf16",
+    )  # fmt: skip
     p.add_argument("--memory-child", nargs=4, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 

@@ -1,4 +1,4 @@
-"""Run every benchmark of issues 6 and 10, each in its own process, and write their JSON to benchmarks/results/.
+"""Run every benchmark of issues 6, 10 and 22, each in its own process, and write their JSON to benchmarks/results/.
 
     python -m benchmarks.run_all                 # the documented full run (about 18 min on 2 cores)
     python -m benchmarks.run_all --quick         # smoke run, about 4 min
@@ -30,6 +30,7 @@ BENCHMARKS = {
     "before_after": "benchmarks.bench_before_after",
     "detectors": "benchmarks.bench_detectors",
     "cpu_allocator": "benchmarks.bench_cpu_allocator",
+    "amp": "benchmarks.bench_amp",
 }
 
 

@@ -51,19 +51,21 @@ RUN_FILES = (CHECKPOINT, LOG, METRICS)
 EVAL_DIR = "eval"
 
 # Keys that do not change what training computes (the sample order and augmentation do not depend
-# on the number of loader workers, and periodic evaluation does not touch the training state).
+# on the number of loader workers, and periodic evaluation does not touch the training state), or,
+# like the device, only its rounding (train.amp, train.cpu_amp, train.channels_last: a resume that changes the
+# precision says so).
 RESUME_FREE = (
-    "out_dir", "train.max_iters", "train.device", "train.log_interval", "train.eval_interval",
-    "train.checkpoint_interval", "train.checkpoint_iters", "train.signal_checkpoint", "train.keep_freed_memory",
-    "train.log_grad_share",
-    "data.num_workers", "eval.*",
+    "out_dir", "train.max_iters", "train.device", "train.amp", "train.cpu_amp", "train.amp_float32_stages", "train.channels_last",
+    "train.log_interval",
+    "train.eval_interval", "train.checkpoint_interval", "train.checkpoint_iters", "train.signal_checkpoint",
+    "train.keep_freed_memory", "train.log_grad_share", "data.num_workers", "eval.*",
 )  # fmt: skip
 # Keys an evaluation or a prediction may set: its output, the detection thresholds and evaluation
 # batch size (eval.*), where it runs, and which data it reads. The rest -- model, classes, input
 # resolution (data.short_side, data.max_side), losses, schedule -- is the checkpoint's.
 INFERENCE_FREE = (
-    "out_dir", "eval.*", "train.device", "train.amp", "data.num_workers", "data.dataset", "data.root",
-    "data.val_split", "data.val_ann", "data.val_images", "data.synthetic_val", "data.synthetic_size",
+    "out_dir", "eval.*", "train.device", "train.amp", "train.cpu_amp", "train.amp_float32_stages", "train.channels_last",
+    "data.num_workers", "data.dataset", "data.root", "data.val_split", "data.val_ann", "data.val_images", "data.synthetic_val", "data.synthetic_size",
     "data.synthetic_seed", "data.holdout_fraction", "data.holdout_seed",
 )  # fmt: skip
 # Settings that change a model's detections: a config file that differs on them gets a note.

@@ -239,8 +239,15 @@ class TrainConfig:
     grad_clip: float | None = num(None, **POSITIVE)  # max gradient norm; None: no clipping
     seed: int = num(0, **NON_NEGATIVE)
     device: str = "auto"  # auto, cpu, cuda, cuda:N (any torch.device)
-    amp: bool = True  # only takes effect on CUDA
-    channels_last: bool = True  # only takes effect on CUDA
+    amp: bool = True  # bf16 autocast on CUDA, and on a CPU with cpu_amp (hcral/precision.py)
+    # bf16 autocast on a CPU with oneDNN bf16 kernels too (0.54-0.62x the float32 step time). Off by
+    # default: issue 22's rule for the default (|mean paired ΔAP| <= 0.5 on both Aquarium FCOS+ATSS
+    # configs) was missed by HCRAL's +0.53 [-0.55, +1.62] AP (5 seeds; docs/performance.md).
+    cpu_amp: bool = False
+    # Under amp, the backbone's stem plus its first k stages (model.frozen_stages' numbering) run in
+    # float32; -1: none. Their bf16 moved the frozen Lite0's features most (hcral/precision.py).
+    amp_float32_stages: int = num(1, lo=-1)
+    channels_last: bool = True  # on CUDA, and on a CPU under bf16 autocast (hcral/precision.py)
     log_interval: int = num(20, **AT_LEAST_ONE)
     eval_interval: int = num(1, **NON_NEGATIVE)  # epochs; 0 disables periodic evaluation
     checkpoint_interval: int = num(1, **NON_NEGATIVE)  # epochs; 0: only at the end

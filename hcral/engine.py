@@ -6,7 +6,6 @@ dict of weighted loss terms in training mode and detections in eval mode.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -17,17 +16,11 @@ from torch import nn
 
 from hcral.distributed import all_gather_objects, is_main_process, reduce_mean
 from hcral.evaluation import coco_evaluate, detections_to_coco
+from hcral.precision import autocast
 
 
 def _to_device(targets: list[dict], device: torch.device) -> list[dict]:
     return [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
-
-
-def autocast_context(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA when asked for (no loss scaling needed); nothing on CPU."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -68,7 +61,8 @@ def train_one_epoch(
     on_step: Callable[[dict[str, Any]], bool] | None = None,
 ) -> None:
     """One pass over ``batches``. After each step ``on_step(record)`` is called with the loss terms,
-    learning rate and step time; it returns True to stop early (iteration budget, checkpointing)."""
+    learning rate and step time; it returns True to stop early (iteration budget, checkpointing).
+    ``amp``: bf16 autocast over the forward (hcral/precision.py; pass ``resolve_amp``'s answer)."""
     model.train()
     for images, targets in batches:
         start = time.perf_counter()
@@ -76,7 +70,7 @@ def train_one_epoch(
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         targets = _to_device(targets, device)
-        with autocast_context(device, amp):
+        with autocast(device, amp):
             terms = model(images, targets)
         loss = sum(terms.values())
         if not torch.isfinite(loss):
@@ -107,6 +101,7 @@ def evaluate(
     device: torch.device,
     *,
     amp: bool = False,
+    channels_last: bool = False,
 ) -> tuple[dict[str, float] | None, list[dict]]:
     """COCO box metrics over ``batches``; detections of every rank are gathered to the main one.
 
@@ -117,8 +112,10 @@ def evaluate(
     detections: list[dict] = []
     for images, targets in batches:
         images = images.to(device)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         sizes = [tuple(t["size"]) for t in targets]
-        with autocast_context(device, amp):
+        with autocast(device, amp):
             outputs = model(images, image_sizes=sizes)
         for out, t in zip(outputs, targets):
             detections.extend(

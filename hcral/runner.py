@@ -47,6 +47,7 @@ from hcral.data.check import check_splits, collect_images, raise_if_problems
 from hcral.engine import NonFiniteLossError, evaluate, train_one_epoch
 from hcral.models.build import build_model
 from hcral.models.detector import Detector
+from hcral.precision import autocast, resolve_amp, use_channels_last
 from hcral.utils import add_note, append_text, keep_freed_memory, rng_state, seed_everything, set_rng_state, torch_save_atomic, write_json_atomic
 
 # Pad inputs to a multiple of this: the coarsest backbone stride (C5, 32), as MMDetection pads.
@@ -275,6 +276,16 @@ def resolve_device(name: str) -> torch.device:
 # ---------------------------------------------------------------------------------------------
 
 
+def precision_of(cfg: Config, device: torch.device) -> tuple[bool, bool]:
+    """``(amp, channels_last)`` as they take effect on ``device`` (hcral/precision.py)."""
+    amp = resolve_amp(cfg.train.amp, device, cpu=cfg.train.cpu_amp)
+    return amp, use_channels_last(cfg.train.channels_last, device, amp)
+
+
+def to_memory_format(model: torch.nn.Module, channels_last: bool) -> torch.nn.Module:
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
 def unwrap(model: torch.nn.Module) -> Detector:
     return model.module if hasattr(model, "module") else model
 
@@ -390,9 +401,12 @@ def _train(cfg: Config, *, resume: bool, progress: bool, stop_signals: list[int]
         raise ValueError(f"the training set is empty ({type(train_set).__name__})")
 
     model = build_model(cfg, train_set.num_classes).to(device)
-    use_cl = cfg.train.channels_last and device.type == "cuda"
-    if use_cl:
-        model = model.to(memory_format=torch.channels_last)
+    amp, use_cl = precision_of(cfg, device)
+    model = to_memory_format(model, use_cl)
+    precision = "bf16" if amp else "fp32"  # as it took effect: train.amp is off on CPUs without bf16
+    if ckpt is not None and ckpt.get("precision", precision) != precision and main:
+        print(f"note: {ckpt_path} was trained in {ckpt['precision']} up to iteration {ckpt['global_iter']}; "
+              f"it continues in {precision} (train.amp={cfg.train.amp} on {device.type})", file=sys.stderr)  # fmt: skip
     optimizer, scheduler = build_optimizer(cfg, model, iters_per_epoch)
     epoch, batches_done, global_iter = 0, 0, 0
     if ckpt is not None:
@@ -426,7 +440,8 @@ def _train(cfg: Config, *, resume: bool, progress: bool, stop_signals: list[int]
             state = dict(
                 model=unwrap(model).state_dict(), optimizer=optimizer.state_dict(),
                 scheduler=scheduler.state_dict(), rng=states, config=config_to_dict(cfg),
-                class_names=list(train_set.class_names), cat_ids=list(train_set.cat_ids), **position,
+                class_names=list(train_set.class_names), cat_ids=list(train_set.cat_ids),
+                precision=precision, **position,
             )
             torch_save_atomic(state, ckpt_path)
         nonlocal saved_iter
@@ -468,7 +483,7 @@ def _train(cfg: Config, *, resume: bool, progress: bool, stop_signals: list[int]
             loader = make_loader(train_data, sampler, cfg.data.batch_size, cfg.data.num_workers, seed=cfg.train.seed + e)
             train_one_epoch(
                 model, loader, optimizer, scheduler, device, grad_clip=cfg.train.grad_clip,
-                amp=cfg.train.amp, channels_last=use_cl, on_step=on_step,
+                amp=amp, channels_last=use_cl, on_step=on_step,
             )
             epoch_done = position["batches_done"] >= iters_per_epoch
             if epoch_done:
@@ -508,7 +523,8 @@ def run_evaluation(cfg: Config, model: Detector, dataset: Dataset, device: torch
     """Evaluate, write metrics.json and detections.json (COCO results) into ``out``."""
     sampler = ResumableSampler(len(dataset), shuffle=False, pad=False)
     loader = make_loader(dataset, sampler, cfg.eval.batch_size, cfg.data.num_workers)
-    metrics, detections = evaluate(model, loader, dataset, device, amp=cfg.train.amp)
+    amp, use_cl = precision_of(cfg, device)
+    metrics, detections = evaluate(to_memory_format(model, use_cl), loader, dataset, device, amp=amp, channels_last=use_cl)
     if D.is_main_process() and metrics is not None:
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / "metrics.json", metrics, indent=2)
@@ -583,7 +599,8 @@ def predict(
         raise RuntimeError(f"{checkpoint}: no class names stored; was it written by 'hcral train'?")
     model = build_model(cfg, len(class_names)).to(device)
     load_model_state(model, ckpt, checkpoint, loss_state=False)
-    model.eval()
+    amp, use_cl = precision_of(cfg, device)
+    model = to_memory_format(model, use_cl).eval()
     transforms = build_transforms(train=False, short_side=cfg.data.short_side, max_side=cfg.data.max_side)
     out = ensure_writable_dir(out_dir)
     results: list[dict] = []
@@ -591,7 +608,9 @@ def predict(
         image = load_image(path)  # uint8 (3, H, W)
         tensor, info = transforms(image, empty_target(*image.shape[-2:], image_id=image_id))
         batch, _ = collate([(tensor, info)], size_divisor=SIZE_DIVISOR)
-        det = model(batch.to(device), image_sizes=[info["size"]])[0]
+        with torch.no_grad(), autocast(device, amp):
+            batch = batch.to(device).contiguous(memory_format=torch.channels_last if use_cl else torch.contiguous_format)
+            det = model(batch, image_sizes=[info["size"]])[0]
         dets = detections_to_coco(
             image_id, det["boxes"].cpu(), det["scores"].cpu(), det["labels"].cpu(), cat_ids, info["scale_factor"]
         )

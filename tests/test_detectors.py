@@ -191,7 +191,7 @@ def _free_port() -> int:
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    cfg = tiny_config(out, "data.batch_size=1", "train.max_iters=3", "data.flip_prob=0.0")
+    cfg = tiny_config(out, "data.batch_size=1", "train.max_iters=3", "data.flip_prob=0.0", "train.amp=false")
     try:
         train(cfg, progress=False)
         (Path(out) / f"rank{rank}.done").write_text("ok")
@@ -208,7 +208,8 @@ def test_two_process_ddp_on_cpu_equals_one_process_with_the_whole_batch(tmp_path
     assert set(json.loads((out / "metrics.json").read_text())) == METRIC_KEYS
 
     # One process, batch 2 = the two ranks' batches of 1: same images per step, same normalisers.
-    single = tiny_config(tmp_path / "single", "data.batch_size=2", "train.max_iters=3", "data.flip_prob=0.0")
+    # float32: bf16 rounds a batch of 1 and a batch of 2 differently, so only float32 sums agree.
+    single = tiny_config(tmp_path / "single", "data.batch_size=2", "train.max_iters=3", "data.flip_prob=0.0", "train.amp=false")
     train(single, progress=False)
     ref = load_checkpoint(tmp_path / "single" / CHECKPOINT)
     for key in ref["model"]:

@@ -309,7 +309,7 @@ def analyze_run(
     from hcral.checkpoint import CHECKPOINT
     from hcral.config import cls_loss_label
     from hcral.engine import evaluate
-    from hcral.runner import ResumableSampler, make_loader, resolve_device
+    from hcral.runner import ResumableSampler, make_loader, precision_of, resolve_device, to_memory_format
     from hcral.utils import write_json_atomic
 
     run = Path(run_dir)
@@ -321,7 +321,8 @@ def analyze_run(
             return stored
     cfg, dataset, model = load_run(run, overrides)
     device = resolve_device(cfg.train.device)
-    model.to(device)
+    amp, use_cl = precision_of(cfg, device)
+    model = to_memory_format(model.to(device), use_cl)
     coco_gt = dataset.coco_gt()
     loader = make_loader(
         dataset, ResumableSampler(len(dataset), shuffle=False, pad=False), cfg.eval.batch_size, cfg.data.num_workers
@@ -330,7 +331,7 @@ def analyze_run(
     found: dict[str, DetectionAnalysis] = {}
     for name, use_centerness in settings.items():
         model.head.test_cfg = dataclasses.replace(cfg.eval, use_centerness=use_centerness)
-        _, detections = evaluate(model, loader, dataset, device, amp=cfg.train.amp)
+        _, detections = evaluate(model, loader, dataset, device, amp=amp, channels_last=use_cl)
         found[name] = analyze_detections(coco_gt, detections)
     result = {
         "run": str(run),

@@ -18,8 +18,9 @@ RESNET_DEPTHS = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 10
 HEADS: dict[str, type[DenseHead]] = {"retinanet": RetinaNetHead, "atss": ATSSHead, "fcos_atss": FCOSATSSHead}
 
 
-def build_backbone(m: ModelConfig) -> nn.Module:
-    """The backbone of ``m.backbone`` with its weights (``m.pretrained``), returning C3, C4, C5.
+def build_backbone(m: ModelConfig, *, float32_stages: int = -1) -> nn.Module:
+    """The backbone of ``m.backbone`` with its weights (``m.pretrained``), returning C3, C4, C5;
+    ``float32_stages`` (``train.amp_float32_stages``) run in float32 under autocast.
 
     ``norm_eval=True`` gives frozen BatchNorms (detectron2's fine-tuning default), ``False`` trainable
     ``BatchNorm2d`` in train mode (outside the frozen stages).
@@ -29,12 +30,13 @@ def build_backbone(m: ModelConfig) -> nn.Module:
     if m.backbone == "small":
         if m.pretrained:
             raise ValueError(f"model.pretrained={m.pretrained!r} needs a ResNet or timm backbone; 'small' has no ImageNet weights")
-        return SmallBackbone()
+        return SmallBackbone(float32_stages=float32_stages)
     norm = "frozen_bn" if m.norm_eval else "bn"
     if m.backbone.startswith(TIMM_BACKBONE_PREFIX):
         return TimmBackbone(
             m.backbone[len(TIMM_BACKBONE_PREFIX) :],
             frozen_stages=m.frozen_stages,
+            float32_stages=float32_stages,
             norm=norm,
             norm_eval=m.norm_eval,
             weights=m.pretrained,
@@ -45,6 +47,7 @@ def build_backbone(m: ModelConfig) -> nn.Module:
     return ResNet(
         RESNET_DEPTHS[m.backbone],
         frozen_stages=m.frozen_stages,
+        float32_stages=float32_stages,
         norm=norm,
         norm_eval=m.norm_eval,
         stage_with_dcn=m.stage_with_dcn,
@@ -55,7 +58,7 @@ def build_backbone(m: ModelConfig) -> nn.Module:
 def build_model(cfg: Config, num_classes: int) -> Detector:
     validate(cfg)  # e.g. an assigner that does not fit the detector, for configs built in Python
     m = cfg.model
-    backbone = build_backbone(m)
+    backbone = build_backbone(m, float32_stages=cfg.train.amp_float32_stages)
     # RetinaNet builds P6 from C5 ("on_input"); ATSS and FCOS from P5 ("on_output"), FCOS with a
     # ReLU before P7's conv, as in the detectors' reference configs.
     neck = FPN(

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hcral.precision import run_in_float32
+
 __all__ = ["FPN"]
 
 _EXTRA_SOURCES = ("input", "output")
@@ -72,7 +74,11 @@ class FPN(nn.Module):
         self.extra_convs = nn.ModuleList()
         for i in range(num_outs - len(in_channels)):
             c_in = in_channels[-1] if (i == 0 and extra_source == "input") else out_channels
-            self.extra_convs.append(nn.Conv2d(c_in, out_channels, kernel_size=3, stride=2, padding=1))
+            # float32 under autocast: on a 1x1 input (the coarsest levels of small images), oneDNN's bf16
+            # backward of this stride-2 conv returned non-finite weight gradients at random (torch 2.14.1,
+            # Intel Xeon with AMX; docs/performance.md, "bf16 autocast on the CPU"). P6/P7 are ~1% of the FLOPs.
+            conv = nn.Conv2d(c_in, out_channels, kernel_size=3, stride=2, padding=1)
+            self.extra_convs.append(run_in_float32(conv))
         self._init_weights()
 
     def _init_weights(self) -> None:

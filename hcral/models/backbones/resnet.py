@@ -35,6 +35,7 @@ from hcral.models.backbones.pretrained import (
     split_weights,
     torchvision_state_dict,
 )
+from hcral.precision import run_in_float32
 
 __all__ = ["DeformConv2dPack", "FrozenBatchNorm2d", "ResNet", "keep_norms_in_eval"]
 
@@ -87,6 +88,12 @@ _CLASSIFIER_PREFIX = "fc."
 _DCN_OFFSET = ".conv_offset."
 
 
+def _stem_and_stages(net: nn.Module, k: int) -> list[str]:
+    """Names of the stem and ``layer1..layerk`` (``k = -1``: none), those ``net`` has."""
+    names = list(_STEM) if k >= 0 else []
+    return names + [f"layer{i + 1}" for i in range(max(k, 0)) if f"layer{i + 1}" in net]
+
+
 def keep_norms_in_eval(module: nn.Module, *, norm_eval: bool) -> None:
     """Put back into eval mode the BatchNorms of ``module`` that are frozen, or all of them under ``norm_eval``.
 
@@ -123,6 +130,8 @@ class ResNet(IntermediateLayerGetter):
             default ``(1, 2, 3)`` gives C3, C4, C5. Stages after the last one listed are not built.
         frozen_stages: ``-1`` freezes nothing, ``0`` the stem (conv1, bn1), ``k`` the stem and
             ``layer1..layerk`` (MMDetection's convention; detection configs use 1).
+        float32_stages: the stages that run in float32 under autocast, counted as ``frozen_stages``
+            (:func:`hcral.precision.run_in_float32`).
         norm: ``"frozen_bn"`` (:class:`FrozenBatchNorm2d`: nothing of the norm is trained)
             or ``"bn"`` (``nn.BatchNorm2d``, affine trained; MMDetection's default).
         norm_eval: keep every ``nn.BatchNorm2d`` in eval mode during ``train()`` (no effect with
@@ -139,6 +148,7 @@ class ResNet(IntermediateLayerGetter):
         *,
         out_indices: Sequence[int] = (1, 2, 3),
         frozen_stages: int = 1,
+        float32_stages: int = -1,
         norm: str = "frozen_bn",
         norm_eval: bool = True,
         stage_with_dcn: Sequence[bool] = (False,) * _NUM_STAGES,
@@ -152,6 +162,8 @@ class ResNet(IntermediateLayerGetter):
             raise ValueError(f"out_indices must be increasing stage indices in 0..3, got {out_indices!r}")
         if not -1 <= frozen_stages <= _NUM_STAGES:
             raise ValueError(f"frozen_stages must be in -1..4, got {frozen_stages!r}")
+        if not -1 <= float32_stages <= _NUM_STAGES:
+            raise ValueError(f"float32_stages must be in -1..4, got {float32_stages!r}")
         if norm not in NORM_LAYERS:
             raise ValueError(f"norm must be one of {tuple(NORM_LAYERS)}, got {norm!r}")
         stage_with_dcn = tuple(bool(d) for d in stage_with_dcn)
@@ -182,10 +194,11 @@ class ResNet(IntermediateLayerGetter):
         self.stage_with_dcn = stage_with_dcn
         self.out_channels: list[int] = [stage_channels[i] for i in out_indices]
         self.strides: list[int] = [2 ** (i + 2) for i in out_indices]
-        frozen = list(_STEM) if frozen_stages >= 0 else []
-        frozen += [f"layer{i + 1}" for i in range(max(frozen_stages, 0)) if f"layer{i + 1}" in self]
-        for name in frozen:
+        for name in _stem_and_stages(self, frozen_stages):
             self[name].requires_grad_(False)
+        for name in _stem_and_stages(self, float32_stages):
+            run_in_float32(self[name])
+        self.float32_stages = float32_stages
         self.train()
 
     def train(self, mode: bool = True) -> ResNet:

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from hcral.precision import run_in_float32
+
 __all__ = ["SmallBackbone"]
 
 _NORMS = ("gn", "bn")
@@ -55,6 +57,8 @@ class SmallBackbone(nn.Module):
         norm: ``"gn"`` (GroupNorm with ``num_groups`` groups) or ``"bn"`` (BatchNorm2d).
         num_groups: GroupNorm groups; must divide every width.
         in_channels: channels of the input image.
+        float32_stages: under autocast, ``-1`` nothing, ``0`` the stem, ``k`` the stem and the first
+            ``k`` stages run in float32 (:func:`hcral.precision.run_in_float32`).
     """
 
     def __init__(
@@ -66,6 +70,7 @@ class SmallBackbone(nn.Module):
         norm: str = "gn",
         num_groups: int = 8,
         in_channels: int = 3,
+        float32_stages: int = -1,
     ) -> None:
         super().__init__()
         widths = tuple(int(w) for w in widths)
@@ -99,6 +104,11 @@ class SmallBackbone(nn.Module):
         self.out_channels: list[int] = [widths[i + 1] for i in out_indices]
         self.strides: list[int] = [2 ** (i + 2) for i in out_indices]
         self._init_weights()
+        if not -1 <= float32_stages <= 4:
+            raise ValueError(f"float32_stages must be in -1..4, got {float32_stages!r}")
+        for module in ([self.stem] if float32_stages >= 0 else []) + list(self.stages[: max(float32_stages, 0)]):
+            run_in_float32(module)
+        self.float32_stages = float32_stages
 
     def _init_weights(self) -> None:
         for m in self.modules():

@@ -31,6 +31,8 @@ import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import freeze_batch_norm_2d
+from timm.layers.norm_act import FrozenBatchNormAct2d as TimmFrozenBatchNormAct2d
+from torchvision.ops.misc import FrozenBatchNorm2d as TorchvisionFrozenBatchNorm2d
 from timm.models import group_parameters, split_model_name_tag
 from torch import Tensor, nn
 
@@ -44,12 +46,61 @@ from hcral.models.backbones.pretrained import (
     read_state_dict,
     split_weights,
 )
-from hcral.models.backbones.resnet import keep_norms_in_eval
+from hcral.models.backbones.resnet import FrozenBatchNorm2d, keep_norms_in_eval
+from hcral.precision import run_in_float32
 
 __all__ = ["TimmBackbone"]
 
 NORMS = ("frozen_bn", "bn")
 _STEM_GROUP = 0
+
+
+class FrozenBatchNormAct2d(TimmFrozenBatchNormAct2d):
+    """timm's ``FrozenBatchNormAct2d`` whose output keeps the input's dtype, as
+    :class:`~hcral.models.backbones.resnet.FrozenBatchNorm2d` does for torchvision's: timm's multiplies
+    by fp32 buffers, so under bf16 autocast every activation of a frozen backbone came out in fp32,
+    and each convolution cast it back (a third of a bf16 Lite0 forward). The same float32 arithmetic
+    in float32."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight.reshape(1, -1, 1, 1)
+        b = self.bias.reshape(1, -1, 1, 1)
+        rv = self.running_var.reshape(1, -1, 1, 1)
+        rm = self.running_mean.reshape(1, -1, 1, 1)
+        scale = w * (rv + self.eps).rsqrt()
+        shift = b - rm * scale
+        return self.act(self.drop(x * scale.to(x.dtype) + shift.to(x.dtype)))
+
+
+# timm's freeze_batch_norm_2d makes these; each is swapped for the subclass that keeps the dtype
+# (same buffers, same state dict).
+_DTYPE_KEEPING_NORMS = {TimmFrozenBatchNormAct2d: FrozenBatchNormAct2d, TorchvisionFrozenBatchNorm2d: FrozenBatchNorm2d}
+
+
+def _keep_activation_dtype(module: nn.Module) -> None:
+    for m in module.modules():
+        if type(m) in _DTYPE_KEEPING_NORMS:
+            m.__class__ = _DTYPE_KEEPING_NORMS[type(m)]
+
+
+def _modules_of_stages(body: nn.Module, stage_of: dict[str, int], last: int) -> list[nn.Module]:
+    """The largest modules of ``body`` whose parameters all lie in timm's groups ``0..last``. Modules
+    without parameters (activations, pools, frozen norms) are not chosen: they keep the dtype they
+    receive, float32 after a chosen module."""
+    chosen: list[nn.Module] = []
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        groups = {stage_of[prefix + n] for n, _ in module.named_parameters()}
+        if not groups:
+            return
+        if max(groups) <= last:
+            chosen.append(module)
+            return
+        for n, child in module.named_children():
+            visit(f"{prefix}{n}.", child)
+
+    visit("", body)
+    return chosen
 
 
 def _create(name: str, **kwargs) -> nn.Module:
@@ -87,6 +138,8 @@ class TimmBackbone(nn.Module):
             ``pretrained_cfg`` gives the input normalisation of a weights file).
         strides: reductions of the maps to return, finest first.
         frozen_stages: ``-1`` nothing, ``0`` the stem, ``k`` the stem and timm's first ``k`` stages.
+        float32_stages: the stages that run in float32 under autocast, counted as ``frozen_stages``
+            (:func:`hcral.precision.run_in_float32`).
         norm: ``"frozen_bn"`` or ``"bn"``.
         norm_eval: keep BatchNorms in eval mode during ``train()`` (with ``norm="bn"``).
         weights: None (timm's random init), a state dict file of the timm classifier model,
@@ -101,6 +154,7 @@ class TimmBackbone(nn.Module):
         *,
         strides: Sequence[int] = (8, 16, 32),
         frozen_stages: int = 1,
+        float32_stages: int = -1,
         norm: str = "frozen_bn",
         norm_eval: bool = True,
         weights: str | os.PathLike | None = None,
@@ -165,15 +219,21 @@ class TimmBackbone(nn.Module):
         num_stages = max(stage_of.values())
         if not -1 <= frozen_stages <= num_stages:
             raise ValueError(f"frozen_stages must be in -1..{num_stages} for timm:{name}, got {frozen_stages!r}")
+        if not -1 <= float32_stages <= num_stages:
+            raise ValueError(f"float32_stages must be in -1..{num_stages} for timm:{name}, got {float32_stages!r}")
         if norm == "frozen_bn":
             body = freeze_batch_norm_2d(body)  # BN parameters become buffers; other names unchanged
+            _keep_activation_dtype(body)
         for pname, p in body.named_parameters():
             if stage_of[pname] <= frozen_stages:
                 p.requires_grad_(False)
+        for module in _modules_of_stages(body, stage_of, float32_stages):
+            run_in_float32(module)
         self.body = body
 
         self.name = name
         self.frozen_stages = frozen_stages
+        self.float32_stages = float32_stages
         self.norm = norm
         self.norm_eval = norm_eval
         self.out_channels: list[int] = body.feature_info.channels()

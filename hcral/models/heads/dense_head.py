@@ -36,6 +36,7 @@ from hcral.distributed import reduce_mean
 from hcral.models.heads.grad_share import GradShareMeter
 from hcral.models.postprocess import select_detections
 from hcral.ops.boxes import aligned_iou, box_centers, clip_boxes
+from hcral.precision import float32
 
 
 @dataclass
@@ -183,22 +184,27 @@ class DenseHead(nn.Module):
     # ---- forward -------------------------------------------------------------------------------
 
     def forward(self, feats: list[Tensor]) -> tuple[Tensor, Tensor, Tensor | None, list[tuple[int, int]]]:
-        """FPN levels -> cls logits (B, N, C), raw regression (B, N, 4), centerness logits (B, N) or None."""
+        """FPN levels -> cls logits (B, N, C), raw regression (B, N, 4), centerness logits (B, N) or None,
+        all float32 (under autocast too), and the levels' (H, W)."""
         cls_all, reg_all, ctr_all, sizes = [], [], [], []
         for level, x in enumerate(feats):
             b, _, h, w = x.shape
             sizes.append((h, w))
             cls_feat = self.cls_tower(x)
             reg_feat = self.reg_tower(x)
-            cls = self.cls_out(cls_feat)
-            reg = self.reg_out(reg_feat)
-            if self.scales is not None:
-                reg = self.scales[level](reg)
+            # The bf16 autocast region ends with the towers: the prediction layers, and everything
+            # that reads their outputs, run in float32 (hcral/precision.py says why).
+            with float32(x.device.type):
+                cls_feat, reg_feat = cls_feat.float(), reg_feat.float()
+                cls = self.cls_out(cls_feat)
+                reg = self.reg_out(reg_feat)
+                if self.scales is not None:
+                    reg = self.scales[level](reg)
+                ctr = self.ctr_out(reg_feat) if self.ctr_out is not None else None
             # (B, A*K, H, W) -> (B, H*W*A, K): priors ordered (y, x, anchor) within a level.
             cls_all.append(cls.permute(0, 2, 3, 1).reshape(b, -1, self.num_classes))
             reg_all.append(reg.permute(0, 2, 3, 1).reshape(b, -1, 4))
-            if self.ctr_out is not None:
-                ctr = self.ctr_out(reg_feat)
+            if ctr is not None:
                 ctr_all.append(ctr.permute(0, 2, 3, 1).reshape(b, -1))
         ctr_out = torch.cat(ctr_all, 1) if ctr_all else None
         return torch.cat(cls_all, 1), torch.cat(reg_all, 1), ctr_out, sizes
@@ -207,10 +213,14 @@ class DenseHead(nn.Module):
 
     def loss(self, feats: list[Tensor], targets: list[dict]) -> dict[str, Tensor]:
         """Named loss terms, each already multiplied by its weight from the config."""
-        cls_logits, reg, ctr_logits, sizes = self(feats)
+        outputs = self(feats)
+        with float32(feats[0].device.type):  # assignment, IoU u and the losses: float32 inputs, float32 ops
+            return self._loss(*outputs, targets)
+
+    def _loss(
+        self, cls_logits: Tensor, reg: Tensor, ctr_logits: Tensor | None, sizes: list[tuple[int, int]], targets: list[dict]
+    ) -> dict[str, Tensor]:
         layout = self.prior_layout(sizes, cls_logits.device)
-        # Losses are computed in float32 whatever the autocast dtype of the tower.
-        cls_logits, reg = cls_logits.float(), reg.float()
         pred_boxes = self.decode(layout, reg)  # (B, N, 4)
         b, n, c = cls_logits.shape
 
@@ -256,7 +266,7 @@ class DenseHead(nn.Module):
             "loss_reg": self._reg_loss(pos_pred, pos_target, pos_score, h),
         }
         if ctr_logits is not None:
-            ctr = ctr_logits.float()[pos_b, pos_i]
+            ctr = ctr_logits[pos_b, pos_i]
             terms["loss_centerness"] = (
                 F.binary_cross_entropy_with_logits(ctr, h, reduction="sum") / num_pos
                 if ctr.numel() else ctr_logits.sum() * 0.0
@@ -327,11 +337,18 @@ class DenseHead(nn.Module):
     @torch.no_grad()
     def predict(self, feats: list[Tensor], image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
         """Detections per image in input pixels: boxes (K, 4), scores (K,), labels (K,)."""
-        cls_logits, reg, ctr_logits, sizes = self(feats)
+        outputs = self(feats)
+        with float32(feats[0].device.type):  # decoding and NMS in float32
+            return self._predict(*outputs, image_sizes)
+
+    def _predict(
+        self, cls_logits: Tensor, reg: Tensor, ctr_logits: Tensor | None, sizes: list[tuple[int, int]],
+        image_sizes: list[tuple[int, int]],
+    ) -> list[dict[str, Tensor]]:
         layout = self.prior_layout(sizes, cls_logits.device)
-        boxes = self.decode(layout, reg.float())
-        scores = cls_logits.float().sigmoid_()  # in place: the (B, N, C) logits are not needed any more
-        ctr = ctr_logits.float().sigmoid() if ctr_logits is not None else None
+        boxes = self.decode(layout, reg)
+        scores = cls_logits.sigmoid_()  # in place: the (B, N, C) logits are not needed any more
+        ctr = ctr_logits.sigmoid() if ctr_logits is not None else None
         t = self.test_cfg
         nms_iou = self.default_nms_iou if t.nms_iou is None else t.nms_iou
         results = []
