@@ -11,17 +11,20 @@ that name hcral's types without ``custom_imports`` also build.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os.path as osp
 from collections.abc import Sequence
 
 from mmengine.config import Config, DictAction
 from mmengine.runner import Runner
 
-import hcral.integrations.mmdet  # noqa: F401  (registers HCRAL's types into MMDetection's registries)
+# The plugin: importing it registers HCRAL's types into MMDetection's registries.
+PLUGIN = "hcral.integrations.mmdet"
 
 
 def build_runner(config: str, *, work_dir: str | None = None, cfg_options: dict | None = None) -> Runner:
     """An mmengine ``Runner`` for ``config``; ``work_dir`` defaults to ``work_dirs/<config name>``."""
+    importlib.import_module(PLUGIN)
     cfg = Config.fromfile(config)
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
