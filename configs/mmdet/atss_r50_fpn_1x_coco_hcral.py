@@ -10,7 +10,9 @@ model = dict(
     bbox_head=dict(
         type="HCRAATSSHead",
         # HCRA-C on GHM-C (30 bins, momentum 0.75: §6 detector configs); loss weight 1 as MMDetection's
-        # GHM-C (§6: each classification loss's weight is a hyperparameter of its own).
+        # GHM-C. HCRA-C is one pooled call over the 5 levels (§3), MMDetection's GHM-C one call per
+        # level, so at equal weight it weighs roughly 1/5 as much (docs/mmdet.md); §6: each
+        # classification loss's weight is a hyperparameter of its own.
         loss_cls=dict(_delete_=True, type="HCRACLoss", use_sigmoid=True, loss_weight=1.0),
         # HCRA-R with γ = 0 (§6: set aside for ATSS); the weight of the GIoU loss it replaces.
         loss_bbox=dict(_delete_=True, type="HCRARLoss", gamma=0.0, loss_weight=2.0),

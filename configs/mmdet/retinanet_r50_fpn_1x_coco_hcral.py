@@ -11,6 +11,7 @@ model = dict(
     bbox_head=dict(
         type="HCRARetinaHead",
         reg_decoded_bbox=True,
+        # HCRA-C on GHM-C; weight 1 (pooled over levels, see the ATSS config and docs/mmdet.md).
         loss_cls=dict(_delete_=True, type="HCRACLoss", use_sigmoid=True, loss_weight=1.0),
         # γ = 0.5 on RetinaNet (§6); weight 2, hcral's reg_weight (MMDetection's ATSS/FCOS GIoU weight).
         loss_bbox=dict(_delete_=True, type="HCRARLoss", gamma=0.5, loss_weight=2.0),
