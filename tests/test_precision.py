@@ -23,7 +23,6 @@ from hcral.data import collate
 from hcral.models.backbones.resnet import FrozenBatchNorm2d
 from hcral.models.backbones.timm_backbone import FrozenBatchNormAct2d, _keep_activation_dtype
 from hcral.models.build import build_model
-from hcral.models.heads.dense_head import DenseHead
 from hcral.runner import CHECKPOINT, build_dataset
 
 CPU = torch.device("cpu")
