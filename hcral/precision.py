@@ -13,7 +13,8 @@ The backbone's stem and first stages (``train.amp_float32_stages``) run in float
 features 7-9% (relative L2) away from float32's, and the FPN and head's gradients 14% (the FPN and
 towers' own bf16: 3%); most of it is made in the first, high-resolution block, and keeping the stem
 and that block in float32 halves it for a quarter of a bf16 backbone forward
-(docs/performance.md, "bf16 autocast on the CPU").
+(docs/performance.md, "bf16 autocast on the CPU"). The FPN's P6/P7 convs run in float32 as well
+(hcral/models/fpn.py): a oneDNN bf16 backward gave non-finite gradients on their 1x1 inputs.
 """
 
 from __future__ import annotations
