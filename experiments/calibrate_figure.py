@@ -1,0 +1,180 @@
+"""The calibration table and figure (issue 23): GHM-C - focal loss against training compute.
+
+Run from the repository root after the calibration SPECs' runs::
+
+    python experiments/calibrate_figure.py     # prints the Markdown table, writes docs/img/calibration_gap_vs_compute.png
+
+Each regime has paired ΔAPs (same seeds, 95% Student-t interval; hcral.experiments.stats) read
+from the studies' per-run CSVs (``experiments/results/*_runs.csv``), and its training compute from
+``experiments/calibrate_compute.py`` (step GFLOPs per image x batch x iterations). The base regime
+is the module ablation's (docs/results.md §10d), whose GHM-C cell is the same MMDetection GHM-C at
+weight 4; its seeds 0-2 are used so every point has the same seeds. Its ATSS - RetinaNet and VFL -
+focal come from the loss swaps on Aquarium's ATSS and RetinaNet configs (§10e, §10f: the same
+frozen Lite0, size, batch and schedule), the comparisons the criterion names. A comparison without
+runs shows "not run"; a point with fewer than 2 pairs is left out of the figure. The paper's COCO
+regime is drawn for scale (its compute counted the same way; GHM-C and focal loss are level there).
+
+The criterion (experiments/calibrate_axes2_fcos_atss_aquarium.yaml, pinned before those runs):
+(0) focal loss at least at the base regime's AP, (1) GHM-C within 1 AP of focal loss with a CI
+that contains 0, (2) ATSS beats RetinaNet (CI above 0).
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hcral.config import load_config
+from hcral.experiments.ablate import load_spec
+from hcral.experiments.stats import PairedDiff, format_ci, mean, paired_difference
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from calibrate_compute import TRAIN_IMAGES, step_gflops  # noqa: E402
+
+RESULTS = Path("experiments/results")
+FIGURE = Path("docs/img/calibration_gap_vs_compute.png")
+SEEDS = (0, 1, 2)
+# The paper's regime, for scale: FCOS+ATSS R50-FPN at 1333x800, batch 16 (8 GPUs x 2), and
+# MMDetection's 1x schedule of 90k iterations (12 COCO epochs).
+COCO_CONFIG = "configs/coco_fcos_atss_r50_fpn_1x_baseline.yaml"
+COCO_BATCH, COCO_ITERS = 16, 90_000
+# Criterion (1): GHM-C within this many AP points of focal loss.
+LEVEL_AP = 1.0
+
+# A run set: (per-run CSV under experiments/results, cell name).
+Runs = tuple[str, str]
+# The comparisons of the table, in its column order: (label, treatment - baseline).
+COMPARISONS = ("GHM-C − focal", "HCRA-C − GHM-C", "ATSS − RetinaNet", "VFL − focal")
+
+
+@dataclass(frozen=True)
+class Point:
+    regime: str
+    spec: str  # the SPEC whose config the point trains (for its compute)
+    spec_cell: str  # the cell of that SPEC (any loss; the loss does not change the compute)
+    focal: Runs
+    pairs: dict[str, tuple[Runs, Runs]] = field(default_factory=dict)  # COMPARISONS label -> (treatment, baseline)
+
+
+def _axes(regime: str) -> Point:
+    runs = "calibrate_axes_fcos_atss_aquarium_runs.csv"
+    focal = (runs, f"{regime}/focal")
+    return Point(regime, "experiments/calibrate_axes_fcos_atss_aquarium.yaml", f"{regime}/focal", focal,
+                 {"GHM-C − focal": ((runs, f"{regime}/ghmc"), focal)})  # fmt: skip
+
+
+def _axes2(regime: str) -> Point:
+    runs = "calibrate_axes2_fcos_atss_aquarium_runs.csv"
+    focal = (runs, f"{regime}/focal")
+    return Point(regime, "experiments/calibrate_axes2_fcos_atss_aquarium.yaml", f"{regime}/focal", focal,
+                 {"GHM-C − focal": ((runs, f"{regime}/ghmc"), focal)})  # fmt: skip
+
+
+_BASE = "module_ablation_fcos_atss_aquarium_runs.csv"
+_SCHEDULE = "schedule_fcos_atss_aquarium_runs.csv"
+_GHMC_3X = "calibrate_schedule_ghmc_fcos_atss_aquarium_runs.csv"
+POINTS = (
+    Point("base (§10d)", "experiments/module_ablation_fcos_atss_aquarium.yaml", "baseline", (_BASE, "baseline"), {
+        "GHM-C − focal": ((_BASE, "ghmc"), (_BASE, "baseline")),
+        "HCRA-C − GHM-C": ((_BASE, "hcra_c"), (_BASE, "ghmc")),
+        "ATSS − RetinaNet": (("loss_swaps_atss_aquarium_runs.csv", "focal_giou"),
+                             ("loss_swaps_retinanet_aquarium_runs.csv", "focal_giou")),
+        "VFL − focal": (("loss_swaps_atss_aquarium_runs.csv", "vfl"), ("loss_swaps_atss_aquarium_runs.csv", "focal_giou")),
+    }),
+    _axes("finetune"),
+    _axes("head_4conv"),
+    _axes("batch16"),
+    _axes2("res384"),
+    _axes2("ch128"),
+    Point("3x schedule", "experiments/calibrate_schedule_ghmc_fcos_atss_aquarium.yaml", "3x/ghmc", (_SCHEDULE, "3x/focal"), {
+        "GHM-C − focal": ((_GHMC_3X, "3x/ghmc"), (_SCHEDULE, "3x/focal")),
+        "HCRA-C − GHM-C": ((_SCHEDULE, "3x/hcra_c"), (_GHMC_3X, "3x/ghmc")),
+    }),
+)  # fmt: skip
+
+
+def ap_by_seed(runs: Runs) -> dict[int, float]:
+    path = RESULTS / runs[0]
+    if not path.is_file():
+        return {}
+    with path.open() as f:
+        return {
+            int(r["seed"]): float(r["AP"]) for r in csv.DictReader(f)
+            if r["cell"] == runs[1] and r["status"] == "ok" and int(r["seed"]) in SEEDS
+        }  # fmt: skip
+
+
+def training_pflops(spec_path: str, cell_name: str) -> float:
+    spec = load_spec(spec_path)
+    cell = next(c for c in spec.cells() if c.name == cell_name)
+    cfg = load_config(spec.base_config, [*spec.base_overrides, *cell.overrides])
+    iters = cfg.train.epochs * -(-TRAIN_IMAGES // cfg.data.batch_size)
+    return step_gflops(cfg) * cfg.data.batch_size * iters / 1e6
+
+
+def verdict(focal_ap: float, base_focal_ap: float, diffs: dict[str, PairedDiff]) -> str:
+    """The criterion (module docstring), condition by condition."""
+    ghmc, atss = diffs.get("GHM-C − focal"), diffs.get("ATSS − RetinaNet")
+    if ghmc is None or ghmc.n < 2:
+        return "not run"
+    if focal_ap < base_focal_ap:
+        return "no: (0) focal below base"
+    if not (abs(100 * ghmc.mean) <= LEVEL_AP and ghmc.ci_low <= 0 <= ghmc.ci_high):
+        return "no: (1)"
+    if atss is None or atss.n < 2:
+        return "(1) yes; (2) not run"
+    return "yes" if atss.ci_low > 0 else "no: (2)"
+
+
+def main() -> int:
+    base_focal = mean(list(ap_by_seed(POINTS[0].focal).values()))
+    header = ["regime", "training PFLOPs", "focal AP", *(f"ΔAP {c} [95% CI]" for c in COMPARISONS), "seeds", "calibrated?"]
+    rows, plotted = [], {c: [] for c in COMPARISONS[:2]}
+    for p in POINTS:
+        pflops = training_pflops(p.spec, p.spec_cell)
+        focal = ap_by_seed(p.focal)
+        diffs = {label: paired_difference(ap_by_seed(t), ap_by_seed(b)) for label, (t, b) in p.pairs.items()}
+        focal_ap = mean(list(focal.values())) if focal else float("nan")
+        cells = [format_ci(diffs[c], scale=100) if c in diffs else "not run" for c in COMPARISONS]
+        n = diffs["GHM-C − focal"].n
+        rows.append([p.regime, f"{pflops:.3f}", f"{100 * focal_ap:.1f}", *cells, str(n), verdict(focal_ap, base_focal, diffs)])
+        for c in plotted:
+            if c in diffs and diffs[c].n >= 2:
+                d = diffs[c]
+                plotted[c].append((p.regime, pflops, 100 * d.mean, 100 * d.ci_low, 100 * d.ci_high))
+    coco = step_gflops(load_config(COCO_CONFIG, ["model.pretrained=null"])) * COCO_BATCH * COCO_ITERS / 1e6
+    rows.append(["COCO 1x, R50-FPN, 1333x800 (the paper's; not run)", f"{coco:.0f}", "–",
+                 "≈ 0 (MMDetection's zoo, RetinaNet: +0.5)", "–", "+2.9 (zoo: 39.4 against 36.5)", "+0.5 to +1", "–", "–"])  # fmt: skip
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
+    for ax, (label, points) in zip(axes, plotted.items()):
+        for regime, x, m, lo, hi in points:
+            ax.errorbar([x], [m], yerr=[[m - lo], [hi - m]], fmt="o", capsize=4, label=regime)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.axvline(coco, color="grey", ls="--", lw=1, label=f"COCO 1x R50 ({coco:.0f} PFLOPs)")
+        ax.axhspan(-LEVEL_AP, LEVEL_AP, color="g", alpha=0.1, label=f"|Δ| ≤ {LEVEL_AP:g} AP")
+        ax.set_xscale("log")
+        ax.set_xlabel("training compute (PFLOPs: step GFLOPs x batch x iterations)")
+        ax.set_ylabel(f"ΔAP, {label} (95% CI)")
+        ax.set_title(f"{label}, FCOS+ATSS on Aquarium (3 seeds)", fontsize=10)
+        ax.legend(fontsize=7)
+    FIGURE.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(FIGURE, dpi=120)
+    print(f"\nwrote {FIGURE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
