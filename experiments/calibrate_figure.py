@@ -75,6 +75,7 @@ def _axes2(regime: str) -> Point:
 _BASE = "module_ablation_fcos_atss_aquarium_runs.csv"
 _SCHEDULE = "schedule_fcos_atss_aquarium_runs.csv"
 _GHMC_3X = "calibrate_schedule_ghmc_fcos_atss_aquarium_runs.csv"
+_SCHEDULE_6X = "calibrate_schedule6x_fcos_atss_aquarium_runs.csv"
 POINTS = (
     Point("base (§10d)", "experiments/module_ablation_fcos_atss_aquarium.yaml", "baseline", (_BASE, "baseline"), {
         "GHM-C − focal": ((_BASE, "ghmc"), (_BASE, "baseline")),
@@ -91,6 +92,9 @@ POINTS = (
     Point("3x schedule", "experiments/calibrate_schedule_ghmc_fcos_atss_aquarium.yaml", "3x/ghmc", (_SCHEDULE, "3x/focal"), {
         "GHM-C − focal": ((_GHMC_3X, "3x/ghmc"), (_SCHEDULE, "3x/focal")),
         "HCRA-C − GHM-C": ((_SCHEDULE, "3x/hcra_c"), (_GHMC_3X, "3x/ghmc")),
+    }),
+    Point("6x schedule", "experiments/calibrate_schedule6x_fcos_atss_aquarium.yaml", "6x/focal", (_SCHEDULE_6X, "6x/focal"), {
+        "GHM-C − focal": ((_SCHEDULE_6X, "6x/ghmc"), (_SCHEDULE_6X, "6x/focal")),
     }),
 )  # fmt: skip
 
