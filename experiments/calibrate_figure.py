@@ -13,6 +13,8 @@ focal come from the loss swaps on Aquarium's ATSS and RetinaNet configs (§10e, 
 frozen Lite0, size, batch and schedule), the comparisons the criterion names. A comparison without
 runs shows "not run"; a point with fewer than 2 pairs is left out of the figure. The paper's COCO
 regime is drawn for scale (its compute counted the same way; GHM-C and focal loss are level there).
+The schedule points' mean GHM-C - focal is fitted against log10 compute (a trend line, drawn
+dotted); where it would reach -1 and 0 AP is an extrapolation, printed as such.
 
 The criterion (experiments/calibrate_axes2_fcos_atss_aquarium.yaml, pinned before those runs):
 (0) focal loss at least at the base regime's AP, (1) GHM-C within 1 AP of focal loss with a CI
@@ -22,6 +24,7 @@ that contains 0, (2) ATSS beats RetinaNet (CI above 0).
 from __future__ import annotations
 
 import csv
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +59,7 @@ class Point:
     spec_cell: str  # the cell of that SPEC (any loss; the loss does not change the compute)
     focal: Runs
     pairs: dict[str, tuple[Runs, Runs]] = field(default_factory=dict)  # COMPARISONS label -> (treatment, baseline)
+    schedule: bool = False  # on the schedule axis (base, 3x, 6x, ...): the points the trend line fits
 
 
 def _axes(regime: str) -> Point:
@@ -76,6 +80,7 @@ _BASE = "module_ablation_fcos_atss_aquarium_runs.csv"
 _SCHEDULE = "schedule_fcos_atss_aquarium_runs.csv"
 _GHMC_3X = "calibrate_schedule_ghmc_fcos_atss_aquarium_runs.csv"
 _SCHEDULE_6X = "calibrate_schedule6x_fcos_atss_aquarium_runs.csv"
+_SCHEDULE_9X = "calibrate_schedule9x_fcos_atss_aquarium_runs.csv"
 POINTS = (
     Point("base (§10d)", "experiments/module_ablation_fcos_atss_aquarium.yaml", "baseline", (_BASE, "baseline"), {
         "GHM-C − focal": ((_BASE, "ghmc"), (_BASE, "baseline")),
@@ -83,7 +88,7 @@ POINTS = (
         "ATSS − RetinaNet": (("loss_swaps_atss_aquarium_runs.csv", "focal_giou"),
                              ("loss_swaps_retinanet_aquarium_runs.csv", "focal_giou")),
         "VFL − focal": (("loss_swaps_atss_aquarium_runs.csv", "vfl"), ("loss_swaps_atss_aquarium_runs.csv", "focal_giou")),
-    }),
+    }, schedule=True),
     _axes("finetune"),
     _axes("head_4conv"),
     _axes("batch16"),
@@ -92,10 +97,13 @@ POINTS = (
     Point("3x schedule", "experiments/calibrate_schedule_ghmc_fcos_atss_aquarium.yaml", "3x/ghmc", (_SCHEDULE, "3x/focal"), {
         "GHM-C − focal": ((_GHMC_3X, "3x/ghmc"), (_SCHEDULE, "3x/focal")),
         "HCRA-C − GHM-C": ((_SCHEDULE, "3x/hcra_c"), (_GHMC_3X, "3x/ghmc")),
-    }),
+    }, schedule=True),
     Point("6x schedule", "experiments/calibrate_schedule6x_fcos_atss_aquarium.yaml", "6x/focal", (_SCHEDULE_6X, "6x/focal"), {
         "GHM-C − focal": ((_SCHEDULE_6X, "6x/ghmc"), (_SCHEDULE_6X, "6x/focal")),
-    }),
+    }, schedule=True),
+    Point("9x schedule", "experiments/calibrate_schedule9x_fcos_atss_aquarium.yaml", "9x/focal", (_SCHEDULE_9X, "9x/focal"), {
+        "GHM-C − focal": ((_SCHEDULE_9X, "9x/ghmc"), (_SCHEDULE_9X, "9x/focal")),
+    }, schedule=True),
 )  # fmt: skip
 
 
@@ -118,6 +126,16 @@ def training_pflops(spec_path: str, cell_name: str) -> float:
     return step_gflops(cfg) * cfg.data.batch_size * iters / 1e6
 
 
+def log_linear_fit(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """(intercept, slope per tenfold compute) of mean ΔAP = a + b log10(PFLOPs), least squares: the
+    trend of the schedule points, an extrapolation and not a result."""
+    xs = [math.log10(x) for x, _ in points]
+    ys = [y for _, y in points]
+    mx, my = mean(xs), mean(ys)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return my - b * mx, b
+
+
 def verdict(focal_ap: float, base_focal_ap: float, diffs: dict[str, PairedDiff]) -> str:
     """The criterion (module docstring), condition by condition."""
     ghmc, atss = diffs.get("GHM-C − focal"), diffs.get("ATSS − RetinaNet")
@@ -136,6 +154,7 @@ def main() -> int:
     base_focal = mean(list(ap_by_seed(POINTS[0].focal).values()))
     header = ["regime", "training PFLOPs", "focal AP", *(f"ΔAP {c} [95% CI]" for c in COMPARISONS), "seeds", "calibrated?"]
     rows, plotted = [], {c: [] for c in COMPARISONS[:2]}
+    trend: list[tuple[float, float]] = []  # (PFLOPs, mean GHM-C − focal) of the schedule points
     for p in POINTS:
         pflops = training_pflops(p.spec, p.spec_cell)
         focal = ap_by_seed(p.focal)
@@ -143,7 +162,9 @@ def main() -> int:
         focal_ap = mean(list(focal.values())) if focal else float("nan")
         cells = [format_ci(diffs[c], scale=100) if c in diffs else "not run" for c in COMPARISONS]
         n = diffs["GHM-C − focal"].n
-        rows.append([p.regime, f"{pflops:.3f}", f"{100 * focal_ap:.1f}", *cells, str(n), verdict(focal_ap, base_focal, diffs)])
+        if p.schedule and n >= 2:
+            trend.append((pflops, 100 * diffs["GHM-C − focal"].mean))
+        rows.append([p.regime, f"{pflops:.3f}", f"{100 * focal_ap:.1f}" if focal else "–", *cells, str(n), verdict(focal_ap, base_focal, diffs)])
         for c in plotted:
             if c in diffs and diffs[c].n >= 2:
                 d = diffs[c]
@@ -155,6 +176,10 @@ def main() -> int:
     print("|" + "---|" * len(header))
     for r in rows:
         print("| " + " | ".join(r) + " |")
+    a, b = log_linear_fit(trend)
+    crossing = {y: 10 ** ((y - a) / b) for y in (-LEVEL_AP, 0.0)} if b > 0 else {}
+    print(f"\nschedule trend over {len(trend)} points (GHM-C − focal = {a:+.2f} {b:+.2f} log10 PFLOPs): "
+          + ", ".join(f"{y:+g} AP at {x:.3f} PFLOPs" for y, x in crossing.items()))  # fmt: skip
 
     import matplotlib
 
@@ -165,6 +190,9 @@ def main() -> int:
     for ax, (label, points) in zip(axes, plotted.items()):
         for regime, x, m, lo, hi in points:
             ax.errorbar([x], [m], yerr=[[m - lo], [hi - m]], fmt="o", capsize=4, label=regime)
+        if label == "GHM-C − focal" and crossing:
+            xs = [min(x for x, _ in trend), max(crossing[0.0], max(x for x, _ in trend))]
+            ax.plot(xs, [a + b * math.log10(x) for x in xs], "k:", lw=1, label="schedule trend (extrapolated)")
         ax.axhline(0, color="k", lw=0.8)
         ax.axvline(coco, color="grey", ls="--", lw=1, label=f"COCO 1x R50 ({coco:.0f} PFLOPs)")
         ax.axhspan(-LEVEL_AP, LEVEL_AP, color="g", alpha=0.1, label=f"|Δ| ≤ {LEVEL_AP:g} AP")
