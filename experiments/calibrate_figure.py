@@ -81,6 +81,8 @@ _SCHEDULE = "schedule_fcos_atss_aquarium_runs.csv"
 _GHMC_3X = "calibrate_schedule_ghmc_fcos_atss_aquarium_runs.csv"
 _SCHEDULE_6X = "calibrate_schedule6x_fcos_atss_aquarium_runs.csv"
 _SCHEDULE_9X = "calibrate_schedule9x_fcos_atss_aquarium_runs.csv"
+_6X_BATCH16 = "calibrate_schedule6x_batch16_fcos_atss_aquarium_runs.csv"
+_VERDICT = "verdict_6x_batch16_fcos_atss_aquarium_runs.csv"
 POINTS = (
     Point("base (§10d)", "experiments/module_ablation_fcos_atss_aquarium.yaml", "baseline", (_BASE, "baseline"), {
         "GHM-C − focal": ((_BASE, "ghmc"), (_BASE, "baseline")),
@@ -104,7 +106,24 @@ POINTS = (
     Point("9x schedule", "experiments/calibrate_schedule9x_fcos_atss_aquarium.yaml", "9x/focal", (_SCHEDULE_9X, "9x/focal"), {
         "GHM-C − focal": ((_SCHEDULE_9X, "9x/ghmc"), (_SCHEDULE_9X, "9x/focal")),
     }, schedule=True),
+    # Two axes combined (6x schedule and batch 16): off the schedule trend, which is batch 8.
+    Point("6x schedule, batch 16", "experiments/calibrate_schedule6x_batch16_fcos_atss_aquarium.yaml", "6x_batch16/focal",
+          (_6X_BATCH16, "6x_batch16/focal"), {
+        "GHM-C − focal": ((_6X_BATCH16, "6x_batch16/ghmc"), (_6X_BATCH16, "6x_batch16/focal")),
+        "HCRA-C − GHM-C": ((_VERDICT, "6x_batch16/hcra_c"), (_6X_BATCH16, "6x_batch16/ghmc")),
+    }),
 )  # fmt: skip
+# The verdict in the closest regime (issue 23, item 3): 6x schedule x batch 16, the one with the
+# smallest GHM-C - focal gap. Baselines are the calibration study's runs of that regime, paired by
+# seed (runs are deterministic for a thread count). A comparison without runs shows "not run".
+VERDICT_REGIME = "6x schedule, batch 16"
+VERDICT = {
+    "HCRA-C − GHM-C (the paper's comparison)": ((_VERDICT, "6x_batch16/hcra_c"), (_6X_BATCH16, "6x_batch16/ghmc")),
+    "HCRA-C − focal": ((_VERDICT, "6x_batch16/hcra_c"), (_6X_BATCH16, "6x_batch16/focal")),
+    "HCRAL − (FL + GIoU + ATSS)": ((_VERDICT, "6x_batch16/hcral"), (_6X_BATCH16, "6x_batch16/focal")),
+    "HCRA-R − GIoU": ((_VERDICT, "6x_batch16/hcra_r"), (_6X_BATCH16, "6x_batch16/focal")),
+    "EATSS − ATSS": ((_VERDICT, "6x_batch16/eatss"), (_6X_BATCH16, "6x_batch16/focal")),
+}  # fmt: skip
 
 
 def ap_by_seed(runs: Runs) -> dict[int, float]:
@@ -176,6 +195,11 @@ def main() -> int:
     print("|" + "---|" * len(header))
     for r in rows:
         print("| " + " | ".join(r) + " |")
+    print(f"\nverdict in the closest regime ({VERDICT_REGIME}), paired by seed:\n")
+    print("| comparison | ΔAP [95% CI] | seeds |\n|---|---|---|")
+    for label, (t, b) in VERDICT.items():
+        d = paired_difference(ap_by_seed(t), ap_by_seed(b))
+        print(f"| {label} | {format_ci(d, scale=100) if d.n >= 2 else 'not run'} | {d.n} |")
     a, b = log_linear_fit(trend)
     crossing = {y: 10 ** ((y - a) / b) for y in (-LEVEL_AP, 0.0)} if b > 0 else {}
     print(f"\nschedule trend over {len(trend)} points (GHM-C − focal = {a:+.2f} {b:+.2f} log10 PFLOPs): "
