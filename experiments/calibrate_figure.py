@@ -115,17 +115,19 @@ POINTS = (
 )  # fmt: skip
 # The verdict in the closest regime (issue 23, item 3): 6x schedule x batch 16, the one with the
 # smallest GHM-C - focal gap. Seeds 0-2: part 1 (HCRA-C, HCRAL) against the calibration study's
-# focal and GHM-C runs of that regime; seeds 3-4: part 2, all four cells. Pairs are by seed (runs
-# are deterministic for a thread count). A comparison without runs shows "not run".
+# focal and GHM-C runs of that regime; seeds 3-4 and the HCRA-R and EATSS cells: the later parts,
+# one session each (part 2 pinned; part 3, the rest of seeds 3-4, and part 4, HCRA-R and EATSS,
+# not yet). Pairs are by seed (runs are deterministic for a thread count). A comparison without
+# runs shows "not run".
 VERDICT_REGIME = "6x schedule, batch 16"
 VERDICT_SEEDS = (0, 1, 2, 3, 4)
-_VERDICT2 = "verdict2_6x_batch16_fcos_atss_aquarium_runs.csv"
-_VERDICT3 = "verdict3_6x_batch16_fcos_atss_aquarium_runs.csv"  # part 3, HCRA-R and EATSS at seeds 0-4: not pinned yet
+_LATER_PARTS = tuple(f"verdict{k}_6x_batch16_fcos_atss_aquarium_runs.csv" for k in (2, 3, 4))
 
 
-def _verdict_cell(variant: str, seeds_0_2: str) -> tuple[Runs, ...]:
-    """The runs of one verdict cell: seeds 0-2 from ``seeds_0_2``, seeds 3-4 from part 2."""
-    return ((seeds_0_2, f"6x_batch16/{variant}"), (_VERDICT2, f"6x_batch16/{variant}"))
+def _verdict_cell(variant: str, seeds_0_2: str | None = None) -> tuple[Runs, ...]:
+    """The runs of one verdict cell: seeds 0-2 from ``seeds_0_2`` (if any), the rest from the later parts."""
+    first = ((seeds_0_2, f"6x_batch16/{variant}"),) if seeds_0_2 else ()
+    return first + tuple((part, f"6x_batch16/{variant}") for part in _LATER_PARTS)
 
 
 _V_FOCAL, _V_GHMC = _verdict_cell("focal", _6X_BATCH16), _verdict_cell("ghmc", _6X_BATCH16)
@@ -134,8 +136,8 @@ VERDICT = {
     "HCRA-C − GHM-C (the paper's comparison)": (_V_HCRA_C, _V_GHMC),
     "HCRA-C − focal": (_V_HCRA_C, _V_FOCAL),
     "HCRAL − (FL + GIoU + ATSS)": (_V_HCRAL, _V_FOCAL),
-    "HCRA-R − GIoU": (((_VERDICT3, "6x_batch16/hcra_r"),), _V_FOCAL),
-    "EATSS − ATSS": (((_VERDICT3, "6x_batch16/eatss"),), _V_FOCAL),
+    "HCRA-R − GIoU": (_verdict_cell("hcra_r"), _V_FOCAL),
+    "EATSS − ATSS": (_verdict_cell("eatss"), _V_FOCAL),
     # The calibration reading at 5 seeds, beside the pre-registered 3-seed one of the table.
     "GHM-C − focal (criterion (1), all seeds)": (_V_GHMC, _V_FOCAL),
 }  # fmt: skip
