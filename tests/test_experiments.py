@@ -231,7 +231,7 @@ def test_committed_specs_are_valid():
     assert specs, "experiments/*.yaml missing"
     for path in specs:
         spec = ablate.load_spec(path)
-        if path.name.startswith("diagnosis_"):  # explains one seed's runs, decides nothing
+        if path.name.startswith("diagnosis_"):  # explains, decides nothing (one seed may do)
             assert "a diagnosis, not a verdict" in " ".join(spec.description.split()), path
         elif ", part " in spec.name and "part 1" not in spec.name:  # adds seeds to part 1's, never alone
             assert "pooled by seed with part 1" in " ".join(spec.description.split()), path
