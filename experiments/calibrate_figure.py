@@ -4,6 +4,8 @@ Run from the repository root after the calibration SPECs' runs::
 
     python experiments/calibrate_figure.py     # prints the Markdown table, writes docs/img/calibration_gap_vs_compute.png
 
+It also prints the verdict table of the closest regime (``VERDICT``), its parts merged by seed.
+
 Each regime has paired ΔAPs (same seeds, 95% Student-t interval; hcral.experiments.stats) read
 from the studies' per-run CSVs (``experiments/results/*_runs.csv``), and its training compute from
 ``experiments/calibrate_compute.py`` (step GFLOPs per image x batch x iterations). The base regime
@@ -116,8 +118,8 @@ POINTS = (
 # The verdict in the closest regime (issue 23, item 3): 6x schedule x batch 16, the one with the
 # smallest GHM-C - focal gap. Seeds 0-2: part 1 (HCRA-C, HCRAL) against the calibration study's
 # focal and GHM-C runs of that regime; seeds 3-4 and the HCRA-R and EATSS cells: the later parts,
-# one session each (part 2 pinned; part 3, the rest of seeds 3-4, and part 4, HCRA-R and EATSS,
-# not yet). Pairs are by seed (runs are deterministic for a thread count). A comparison without
+# one session each (part 2 done; part 3, the rest of seeds 3-4, and part 4, HCRA-R and EATSS,
+# not pinned yet). Pairs are by seed (runs are deterministic for a thread count). A comparison without
 # runs shows "not run".
 VERDICT_REGIME = "6x schedule, batch 16"
 VERDICT_SEEDS = (0, 1, 2, 3, 4)
@@ -138,7 +140,7 @@ VERDICT = {
     "HCRAL − (FL + GIoU + ATSS)": (_V_HCRAL, _V_FOCAL),
     "HCRA-R − GIoU": (_verdict_cell("hcra_r"), _V_FOCAL),
     "EATSS − ATSS": (_verdict_cell("eatss"), _V_FOCAL),
-    # The calibration reading at 5 seeds, beside the pre-registered 3-seed one of the table.
+    # The calibration reading over every seed run, beside the table's pre-registered 3-seed one.
     "GHM-C − focal (criterion (1), all seeds)": (_V_GHMC, _V_FOCAL),
 }  # fmt: skip
 
