@@ -85,6 +85,8 @@ _SCHEDULE_6X = "calibrate_schedule6x_fcos_atss_aquarium_runs.csv"
 _SCHEDULE_9X = "calibrate_schedule9x_fcos_atss_aquarium_runs.csv"
 _6X_BATCH16 = "calibrate_schedule6x_batch16_fcos_atss_aquarium_runs.csv"
 _VERDICT = "verdict_6x_batch16_fcos_atss_aquarium_runs.csv"
+# Criterion (2) and VFL there, as the base row measures them: the ATSS detector against RetinaNet.
+_DETECTORS_6X_BATCH16 = "calibrate_detectors6x_batch16_aquarium_runs.csv"
 POINTS = (
     Point("base (§10d)", "experiments/module_ablation_fcos_atss_aquarium.yaml", "baseline", (_BASE, "baseline"), {
         "GHM-C − focal": ((_BASE, "ghmc"), (_BASE, "baseline")),
@@ -113,17 +115,18 @@ POINTS = (
           (_6X_BATCH16, "6x_batch16/focal"), {
         "GHM-C − focal": ((_6X_BATCH16, "6x_batch16/ghmc"), (_6X_BATCH16, "6x_batch16/focal")),
         "HCRA-C − GHM-C": ((_VERDICT, "6x_batch16/hcra_c"), (_6X_BATCH16, "6x_batch16/ghmc")),
+        "ATSS − RetinaNet": ((_DETECTORS_6X_BATCH16, "6x_batch16/atss"), (_DETECTORS_6X_BATCH16, "6x_batch16/retinanet")),
+        "VFL − focal": ((_DETECTORS_6X_BATCH16, "6x_batch16/atss_vfl"), (_DETECTORS_6X_BATCH16, "6x_batch16/atss")),
     }),
 )  # fmt: skip
 # The verdict in the closest regime (issue 23, item 3): 6x schedule x batch 16, the one with the
 # smallest GHM-C - focal gap. Seeds 0-2: part 1 (HCRA-C, HCRAL) against the calibration study's
-# focal and GHM-C runs of that regime; seeds 3-4 and the HCRA-R and EATSS cells: the later parts,
-# one session each (part 2 done; part 3, the rest of seeds 3-4, and part 4, HCRA-R and EATSS,
-# not pinned yet). Pairs are by seed (runs are deterministic for a thread count). A comparison without
-# runs shows "not run".
+# focal and GHM-C runs of that regime; the later parts: 2 (seed 3 of focal and GHM-C), 3 (seed 4
+# of all four), 4 (seed 3 of HCRA-C and HCRAL), 5 (HCRA-R and EATSS, seeds 0-4). Pairs are by seed
+# (runs are deterministic for a thread count). A comparison without runs shows "not run".
 VERDICT_REGIME = "6x schedule, batch 16"
 VERDICT_SEEDS = (0, 1, 2, 3, 4)
-_LATER_PARTS = tuple(f"verdict{k}_6x_batch16_fcos_atss_aquarium_runs.csv" for k in (2, 3, 4))
+_LATER_PARTS = tuple(f"verdict{k}_6x_batch16_fcos_atss_aquarium_runs.csv" for k in (2, 3, 4, 5))
 
 
 def _verdict_cell(variant: str, seeds_0_2: str | None = None) -> tuple[Runs, ...]:
