@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "means over seeds and differences paired by seed against CELL")
     p.add_argument("--reuse", action="store_true",
                    help="take RUN/analysis.json as it is when it was written after the checkpoint with the same --set")
+    p.add_argument("--pool-parts", action="store_true",
+                   help="with --baseline, for a study split into parts (several SPECs, same cell names): "
+                        "name each cell by its own folder, so the parts' runs pool by cell and seed")
     return parser
 
 
@@ -150,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.baseline and not args.compare:
                 raise ConfigError("analyze --baseline needs --compare TABLE_MD, the file its table goes into")
             if args.baseline:  # a bad layout or cell fails before any inference
-                cells = sorted({cell for cell, _ in cells_and_seeds(args.runs)})
+                cells = sorted({cell for cell, _ in cells_and_seeds(args.runs, pool_parts=args.pool_parts)})
                 if args.baseline not in cells:
                     raise ConfigError(f"analyze --baseline {args.baseline!r} is not among the runs' cells: {cells}")
             results = []
@@ -159,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(summary_line(results[-1]))
             if args.compare:
                 Path(args.compare).parent.mkdir(parents=True, exist_ok=True)
-                table = compare_table(results) + (f"\n{cell_table(results, args.baseline)}" if args.baseline else "")
+                table = compare_table(results) + (f"\n{cell_table(results, args.baseline, pool_parts=args.pool_parts)}" if args.baseline else "")
                 write_text_atomic(args.compare, table)
                 print(f"table written to {args.compare}", file=sys.stderr)
             return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -279,6 +280,17 @@ def test_cells_and_seeds_follow_the_ablation_layout(tmp_path):
         A.cells_and_seeds([tmp_path / "focal/seed0", tmp_path / "focal/last"])
     with pytest.raises(ValueError, match=r"given twice: \['focal/seed0'\]"):
         A.cells_and_seeds([tmp_path / "focal/seed0", tmp_path / "x/../focal/seed0", tmp_path / "ghmc/seed0"])
+
+
+def test_pool_parts_names_cells_by_their_folder_so_parts_pool():
+    parts = [Path("/r/part1/focal/seed0"), Path("/r/part1/ghmc/seed0"), Path("/r/part2/focal/seed3"), Path("/r/part2/ghmc/seed3")]
+    assert A.cells_and_seeds(parts) == [("part1/focal", 0), ("part1/ghmc", 0), ("part2/focal", 3), ("part2/ghmc", 3)]
+    assert A.cells_and_seeds(parts, pool_parts=True) == [("focal", 0), ("ghmc", 0), ("focal", 3), ("ghmc", 3)]
+    with pytest.raises(ValueError, match=r"given twice: \['focal/seed0'\]"):  # a seed in two parts is an error
+        A.cells_and_seeds([*parts, Path("/r/part2/focal/seed0")], pool_parts=True)
+    results = [_result(str(p), 0.10 + 0.01 * k, 0.30, 0.25, 0.10) for k, p in enumerate(parts)]
+    pooled = [r for r in A.cell_table(results, "focal", pool_parts=True).splitlines() if r.startswith("| `")]
+    assert [r.strip("| ").split(" | ")[:2] for r in pooled] == [["`focal`", "2"], ["`ghmc`", "2"]]
 
 
 def test_cell_table_means_and_paired_differences_are_the_hand_computed_values(tmp_path):

@@ -449,10 +449,12 @@ _CELL_DIFFS = ("Spearman", "Pearson", "TP - FP mean score")
 _SEED_FOLDER = re.compile(r"seed(\d+)")
 
 
-def cells_and_seeds(runs: Sequence[str | Path]) -> list[tuple[str, int]]:
+def cells_and_seeds(runs: Sequence[str | Path], *, pool_parts: bool = False) -> list[tuple[str, int]]:
     """``(cell, seed)`` of each run folder of an ablation (``hcral ablate``'s ``<out_dir>/<cell>/seed<k>``):
     the seed from the folder name, the cell from the parent's path below the parents' common folder
-    (``atss/focal/giou`` for a loss swap), or the parent's name when all runs share one parent."""
+    (``atss/focal/giou`` for a loss swap), or the parent's name when all runs share one parent.
+    With ``pool_parts`` the cell is always the parent's name, so that a study split into parts (one
+    SPEC per part, same cell names, each seed in one part) pools its runs by cell."""
     paths = [Path(run).resolve() for run in runs]
     seeds = []
     for path in paths:
@@ -462,7 +464,7 @@ def cells_and_seeds(runs: Sequence[str | Path]) -> list[tuple[str, int]]:
         seeds.append(int(m.group(1)))
     parents = [p.parent for p in paths]
     common = Path(os.path.commonpath(parents))
-    cells = [common.name if p == common else p.relative_to(common).as_posix() for p in parents]
+    cells = [p.name if pool_parts or p == common else p.relative_to(common).as_posix() for p in parents]
     pairs = list(zip(cells, seeds))
     repeated = sorted({f"{c}/seed{k}" for c, k in pairs if pairs.count((c, k)) > 1})
     if repeated:
@@ -482,14 +484,16 @@ def _per_run(result: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in values.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
 
 
-def cell_table(results: Sequence[dict[str, Any]], baseline: str, *, confidence: float = 0.95) -> str:
+def cell_table(
+    results: Sequence[dict[str, Any]], baseline: str, *, confidence: float = 0.95, pool_parts: bool = False
+) -> str:
     """One Markdown row per cell of an ablation's analyses (:func:`cells_and_seeds` names the cells):
     the mean ± std over seeds of AP, AR@100, Spearman and Pearson score-IoU correlation, the gap between
     the mean scores of true and false positives, and AP without centerness; and for the
     correlations and the gap, the difference against cell ``baseline`` paired by seed, with its
-    Student-t ``confidence`` interval (`` *``: it excludes 0)."""
+    Student-t ``confidence`` interval (`` *``: it excludes 0). ``pool_parts``: as for :func:`cells_and_seeds`."""
     values: dict[str, dict[str, dict[int, float]]] = {}
-    for (cell, seed), result in zip(cells_and_seeds([r["run"] for r in results]), results):
+    for (cell, seed), result in zip(cells_and_seeds([r["run"] for r in results], pool_parts=pool_parts), results):
         for metric, v in _per_run(result).items():
             values.setdefault(cell, {m: {} for m in _CELL_METRICS})[metric][seed] = v
     if baseline not in values:
