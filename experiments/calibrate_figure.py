@@ -141,6 +141,7 @@ VERDICT = {
     "HCRA-C − GHM-C (the paper's comparison)": (_V_HCRA_C, _V_GHMC),
     "HCRA-C − focal": (_V_HCRA_C, _V_FOCAL),
     "HCRAL − (FL + GIoU + ATSS)": (_V_HCRAL, _V_FOCAL),
+    "HCRAL − HCRA-C (what HCRA-R + EATSS add)": (_V_HCRAL, _V_HCRA_C),
     "HCRA-R − GIoU": (_verdict_cell("hcra_r"), _V_FOCAL),
     "EATSS − ATSS": (_verdict_cell("eatss"), _V_FOCAL),
     # The calibration reading over every seed run, beside the table's pre-registered 3-seed one.
@@ -162,6 +163,17 @@ def ap_by_seed(runs: Runs, seeds: tuple[int, ...] = SEEDS) -> dict[int, float]:
 def verdict_ap(parts: tuple[Runs, ...]) -> dict[int, float]:
     """AP by seed of one verdict cell, its parts merged (each seed is in one part only)."""
     return {s: ap for runs in parts for s, ap in ap_by_seed(runs, VERDICT_SEEDS).items()}
+
+
+def verdict_table() -> str:
+    """The verdict comparisons as Markdown: paired ΔAP with its CI, the per-seed differences, the seeds."""
+    lines = ["| comparison | ΔAP [95% CI] | per seed | seeds |", "|---|---|---|---|"]
+    for label, (t, b) in VERDICT.items():
+        treated, base = verdict_ap(t), verdict_ap(b)
+        d = paired_difference(treated, base)
+        per_seed = ", ".join(f"{k}: {100 * (treated[k] - base[k]):+.2f}" for k in sorted(treated.keys() & base.keys()))
+        lines.append(f"| {label} | {format_ci(d, scale=100) if d.n >= 2 else 'not run'} | {per_seed} | {d.n} |")
+    return "\n".join(lines)
 
 
 def training_pflops(spec_path: str, cell_name: str) -> float:
@@ -206,7 +218,7 @@ def main() -> int:
         focal = ap_by_seed(p.focal)
         diffs = {label: paired_difference(ap_by_seed(t), ap_by_seed(b)) for label, (t, b) in p.pairs.items()}
         focal_ap = mean(list(focal.values())) if focal else float("nan")
-        cells = [format_ci(diffs[c], scale=100) if c in diffs else "not run" for c in COMPARISONS]
+        cells = [format_ci(diffs[c], scale=100) if c in diffs and diffs[c].n else "not run" for c in COMPARISONS]
         n = diffs["GHM-C − focal"].n
         if p.schedule and n >= 2:
             trend.append((pflops, 100 * diffs["GHM-C − focal"].mean))
@@ -223,10 +235,7 @@ def main() -> int:
     for r in rows:
         print("| " + " | ".join(r) + " |")
     print(f"\nverdict in the closest regime ({VERDICT_REGIME}), paired by seed:\n")
-    print("| comparison | ΔAP [95% CI] | seeds |\n|---|---|---|")
-    for label, (t, b) in VERDICT.items():
-        d = paired_difference(verdict_ap(t), verdict_ap(b))
-        print(f"| {label} | {format_ci(d, scale=100) if d.n >= 2 else 'not run'} | {d.n} |")
+    print(verdict_table())
     a, b = log_linear_fit(trend)
     crossing = {y: 10 ** ((y - a) / b) for y in (-LEVEL_AP, 0.0)} if b > 0 else {}
     print(f"\nschedule trend over {len(trend)} points (GHM-C − focal = {a:+.2f} {b:+.2f} log10 PFLOPs): "
