@@ -176,6 +176,16 @@ def verdict_table() -> str:
     return "\n".join(lines)
 
 
+def verdict_interaction() -> PairedDiff:
+    """Per seed, (HCRAL − HCRA-C) − (HCRA-R − GIoU) − (EATSS − ATSS): how far HCRA-R and EATSS on
+    HCRA-C fall from their sum on focal loss (0 if their effects add and do not depend on the base)."""
+    focal, hcra_c, hcral = verdict_ap(_V_FOCAL), verdict_ap(_V_HCRA_C), verdict_ap(_V_HCRAL)
+    hcra_r, eatss = verdict_ap(_verdict_cell("hcra_r")), verdict_ap(_verdict_cell("eatss"))
+    seeds = focal.keys() & hcra_c.keys() & hcral.keys() & hcra_r.keys() & eatss.keys()
+    treated = {s: hcral[s] + 2 * focal[s] for s in seeds}
+    return paired_difference(treated, {s: hcra_c[s] + hcra_r[s] + eatss[s] for s in seeds})
+
+
 def training_pflops(spec_path: str, cell_name: str) -> float:
     spec = load_spec(spec_path)
     cell = next(c for c in spec.cells() if c.name == cell_name)
@@ -236,6 +246,9 @@ def main() -> int:
         print("| " + " | ".join(r) + " |")
     print(f"\nverdict in the closest regime ({VERDICT_REGIME}), paired by seed:\n")
     print(verdict_table())
+    shortfall = verdict_interaction()
+    if shortfall.n >= 2:
+        print(f"\n(HCRAL − HCRA-C) − (HCRA-R − GIoU) − (EATSS − ATSS), per seed: {format_ci(shortfall, scale=100)} ({shortfall.n} seeds)")
     a, b = log_linear_fit(trend)
     crossing = {y: 10 ** ((y - a) / b) for y in (-LEVEL_AP, 0.0)} if b > 0 else {}
     print(f"\nschedule trend over {len(trend)} points (GHM-C − focal = {a:+.2f} {b:+.2f} log10 PFLOPs): "
