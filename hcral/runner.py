@@ -45,6 +45,7 @@ from hcral.data import (
 from hcral.data.base import SubsetDataset, holdout_indices
 from hcral.data.check import check_splits, collect_images, raise_if_problems
 from hcral.engine import NonFiniteLossError, evaluate, train_one_epoch
+from hcral.experiments.analyze import score_iou_metrics
 from hcral.models.build import build_model
 from hcral.models.detector import Detector
 from hcral.precision import autocast, resolve_amp, use_channels_last
@@ -520,12 +521,15 @@ def _resume_hint(out: Path, global_iter: int, saved_iter: int | None) -> str:
 
 
 def run_evaluation(cfg: Config, model: Detector, dataset: Dataset, device: torch.device, out: Path) -> dict[str, float]:
-    """Evaluate, write metrics.json and detections.json (COCO results) into ``out``."""
+    """Evaluate, write metrics.json (COCO AP and :func:`hcral.experiments.analyze.score_iou_metrics`)
+    and detections.json (COCO results) into ``out``."""
     sampler = ResumableSampler(len(dataset), shuffle=False, pad=False)
     loader = make_loader(dataset, sampler, cfg.eval.batch_size, cfg.data.num_workers)
     amp, use_cl = precision_of(cfg, device)
     metrics, detections = evaluate(to_memory_format(model, use_cl), loader, dataset, device, amp=amp, channels_last=use_cl)
     if D.is_main_process() and metrics is not None:
+        # What RCI is for (formulation §2), recorded beside AP so that `hcral ablate` tables keep it.
+        metrics.update(score_iou_metrics(dataset.coco_gt(), detections))
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / "metrics.json", metrics, indent=2)
         write_json_atomic(out / "detections.json", detections)

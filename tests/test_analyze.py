@@ -137,6 +137,20 @@ def test_analysis_of_the_hand_built_set():
     assert tf["fp_hist"] == np.histogram([0.8, 0.6, 0.4, 0.3], edges)[0].tolist()
 
 
+def test_flat_score_iou_metrics_are_the_analysis_numbers():
+    si = A.analyze_detections(GT, DETECTIONS).summary()["score_iou"]
+    flat = A.score_iou_metrics(GT, DETECTIONS)
+    assert flat == {"score_iou_n": 3.0, "score_iou_spearman": si["spearman"], "score_iou_pearson": si["pearson"]}
+    # A stricter match leaves A's exact hit and its 0.7 repeat: two points, Spearman 1.
+    assert A.score_iou_metrics(GT, DETECTIONS, match_iou=0.6) == pytest.approx(
+        {"score_iou_n": 2.0, "score_iou_spearman": 1.0, "score_iou_pearson": 1.0}
+    )
+    # One matched detection, or none: the correlations are undefined and left out (metrics.json
+    # holds numbers only); the count stays.
+    assert A.score_iou_metrics(GT, DETECTIONS[:1]) == {"score_iou_n": 1.0}
+    assert A.score_iou_metrics(GT, []) == {"score_iou_n": 0.0}
+
+
 def test_no_detections_give_zero_ap_and_undefined_correlations():
     summary = A.analyze_detections(GT, []).summary()
     assert set(summary["ap"].values()) == {0.0}
@@ -222,6 +236,10 @@ def test_analyze_command_writes_json_plots_and_table(tmp_path, capsys):
         metrics = json.loads((run / "metrics.json").read_text())
         assert main["ap"]["AP"] == pytest.approx(metrics["AP"]) and main["ap"]["AP50"] == pytest.approx(metrics["AP50"])
         tf, si = main["tp_fp"], main["score_iou"]
+        # The final evaluation recorded the same consistency in metrics.json (for `hcral ablate`).
+        assert metrics["score_iou_n"] == si["n"]
+        for key in ("spearman", "pearson"):
+            assert metrics.get(f"score_iou_{key}") == (None if si[key] is None else pytest.approx(si[key]))
         assert tf["n_tp"] + tf["n_fp"] + tf["n_ignored"] == len(json.loads((run / "detections.json").read_text()))
         assert sum(tf["tp_hist"]) == tf["n_tp"] and sum(tf["fp_hist"]) == tf["n_fp"]
         assert si["n"] >= tf["n_tp"]  # every TP is matched

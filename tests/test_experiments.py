@@ -144,6 +144,31 @@ def test_grid_runs_resumes_and_writes_tables(tmp_path):
     assert "8 finished already, 0 failed (stale config), 0 to run" in logs[-1]
 
 
+def test_score_iou_metrics_reach_the_tables_scaled_like_ap_and_counts_as_they_are(tmp_path):
+    # Every evaluation writes score_iou_* into metrics.json; a SPEC that names them gets them in
+    # its CSVs straight from there, so they outlive the run folder.
+    metrics = ["AP", "score_iou_spearman", "score_iou_n"]
+    spec = _spec(tmp_path, {"v": {"a": [], "b": ["loss.cls=hcra_c"]}}, seeds=(0,), metrics=metrics)
+    results = ablate.run_grid(spec, in_process=True, threads=1, log=lambda s: None)
+    for r, row in zip(results, _read_csv(tmp_path / "results" / "tiny_runs.csv"), strict=True):
+        recorded = json.loads((tmp_path / r.run_dir / "metrics.json").read_text())
+        assert float(row["score_iou_n"]) == recorded["score_iou_n"]
+        assert row["score_iou_spearman"] == (f"{recorded['score_iou_spearman']:.6f}" if "score_iou_spearman" in recorded else "")
+    # The Markdown: a correlation x 100 like AP, a count unscaled; paired by seed.
+    made = [
+        ablate.RunResult("a", s, "x", "ok", {"AP": 0.2, "score_iou_spearman": rho, "score_iou_n": n}, wall_s=1.0)
+        for s, rho, n in ((0, 0.415, 37.0), (1, 0.400, 40.0))
+    ] + [ablate.RunResult("b", s, "y", "ok", {"AP": 0.1, "score_iou_spearman": 0.3, "score_iou_n": 30.0}, wall_s=1.0) for s in (0, 1)]
+    spec = _spec(tmp_path, {"v": {"a": [], "b": []}}, metrics=metrics)
+    md = ablate.markdown(spec, made, ablate.summarize(spec, made))
+    assert "score_iou_* (score-IoU consistency" in md
+    assert "| `a` | 2 | 20.0 ± 0.0 | 40.8 ± 1.1 | 38.5 ± 2.1 | (baseline) |" in md
+    assert "| `b` | 2 | 10.0 ± 0.0 | 30.0 ± 0.0 | 30.0 ± 0.0 | -10.00 " in md
+    assert "| `a` | 1 | ok | 20.0 | 40.0 | 40.0 |" in md
+    plain = _spec(tmp_path, {"v": {"a": [], "b": []}})
+    assert "score-IoU consistency" not in ablate.markdown(plain, made, ablate.summarize(plain, made))
+
+
 def test_interrupted_run_is_resumed_and_failures_are_kept(tmp_path):
     axes = {"variant": {
         "ok": ["model.detector=fcos_atss"],

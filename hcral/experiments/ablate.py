@@ -11,7 +11,7 @@ A SPEC file (YAML, paths relative to the directory ``hcral ablate`` runs in, as 
         baseline: [loss.cls=focal, loss.reg=giou, loss.assigner=atss]
         hcral: [loss.cls=hcra_c, loss.reg=hcra_r, loss.assigner=eatss]
     seeds: [0, 1, 2]                              # train.seed of each run
-    metrics: [AP, AP50, AP75]                     # optional (this default)
+    metrics: [AP, AP50, AP75]                     # optional (this default); any key of metrics.json, e.g. score_iou_spearman
     baseline: {variant: baseline}                 # reference of the paired differences, see below
     out_dir: runs/ablate/module_ablation          # run folders
     results: experiments/results/module_ablation  # writes <results>.csv, <results>_runs.csv, <results>.md
@@ -68,8 +68,14 @@ RUN_LOG = "train.log"
 FORCED_OVERRIDES = ("train.eval_interval=0",)
 CONFIDENCE = 0.95
 _NAME = re.compile(r"^[A-Za-z0-9_.=+-]+$")
-# Markdown shows AP as percentage points.
+# Markdown shows AP as percentage points, and a correlation (score_iou_spearman, ...) x 100 alike;
+# a count of metrics.json (score_iou_n) as it is.
 PCT = 100.0
+COUNT_METRICS = ("score_iou_n",)
+
+
+def _scale(metric: str) -> float:
+    return 1.0 if metric in COUNT_METRICS else PCT
 
 
 class SpecError(ValueError):
@@ -532,10 +538,10 @@ def runs_csv(spec: Spec, results: list[RunResult]) -> str:
     return buf.getvalue()
 
 
-def _pm(m: float, s: float) -> str:
+def _pm(m: float, s: float, scale: float = PCT) -> str:
     if math.isnan(m):
         return "–"
-    return f"{m * PCT:.1f}" + (f" ± {s * PCT:.1f}" if not math.isnan(s) else "")
+    return f"{m * scale:.1f}" + (f" ± {s * scale:.1f}" if not math.isnan(s) else "")
 
 
 def _code_version() -> str:
@@ -585,17 +591,19 @@ def markdown(
         f"{_code_version()}; run folders under `{spec.out_dir}`",
         "",
         "AP in percentage points (COCO AP x 100): mean ± standard deviation over the finished seeds; Δ = cell - "
-        "baseline, paired by seed, mean [95% CI]; `*` marks a CI that excludes 0.",
+        "baseline, paired by seed, mean [95% CI]; `*` marks a CI that excludes 0."
+        + (" score_iou_* (score-IoU consistency of the matched detections, as `hcral analyze` measures it): "
+           "correlations x 100 too, counts as they are." if any(m.startswith("score_iou_") for m in spec.metrics) else ""),
         "",
-    ]
+    ]  # fmt: skip
     head = ["cell", "n", *spec.metrics, *(f"Δ{m} vs baseline" for m in spec.metrics), "s/run"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summaries:
         n = f"{s.n}" + (f" ({s.n_failed} failed)" if s.n_failed else "") + (f" ({s.n_pending} pending)" if s.n_pending else "")
         is_base = s.baseline == s.cell.name
         row = [
-            f"`{s.cell.name}`", n, *(_pm(s.mean[m], s.std[m]) for m in spec.metrics),
-            *(("(baseline)" if is_base else format_ci(s.diff[m], scale=PCT)) for m in spec.metrics),
+            f"`{s.cell.name}`", n, *(_pm(s.mean[m], s.std[m], _scale(m)) for m in spec.metrics),
+            *(("(baseline)" if is_base else format_ci(s.diff[m], scale=_scale(m))) for m in spec.metrics),
             "–" if math.isnan(s.wall_mean_s) else f"{s.wall_mean_s:.0f}",
         ]  # fmt: skip
         lines.append("| " + " | ".join(row) + " |")
@@ -606,8 +614,8 @@ def markdown(
     for r in results:
         b = by_key.get((spec.baseline_of(cell_of[r.cell]), r.seed))
         m0 = spec.metrics[0]
-        d = f"{(r.metrics[m0] - b.metrics[m0]) * PCT:+.2f}" if b is not None and m0 in r.metrics and m0 in b.metrics else "–"
-        vals = " | ".join(f"{r.metrics[m] * PCT:.1f}" if m in r.metrics else "–" for m in spec.metrics)
+        d = f"{(r.metrics[m0] - b.metrics[m0]) * _scale(m0):+.2f}" if b is not None and m0 in r.metrics and m0 in b.metrics else "–"
+        vals = " | ".join(f"{r.metrics[m] * _scale(m):.1f}" if m in r.metrics else "–" for m in spec.metrics)
         wall = "–" if math.isnan(r.wall_s) else f"{r.wall_s:.0f}"
         err = r.error.replace("|", "\\|").replace("\n", " ")[:300]
         lines.append(f"| `{r.cell}` | {r.seed} | {r.status} | {vals} | {d} | {wall} | {err} |")

@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ANALYSIS",
+    "SCORE_IOU_METRICS",
     "DetectionAnalysis",
     "analyze_detections",
     "analyze_run",
@@ -62,6 +63,7 @@ __all__ = [
     "load_run",
     "max_same_class_iou",
     "pearson",
+    "score_iou_metrics",
     "spearman",
     "summary_line",
 ]
@@ -71,6 +73,8 @@ SCORE_IOU_PLOT = "analysis_score_iou.png"
 TP_FP_PLOT = "analysis_tp_fp.png"
 # IoU at which a detection is matched (score-IoU consistency) and a true positive (AP50's rule).
 MATCH_IOU = 0.5
+# The keys score_iou_metrics adds to every metrics.json (the correlations only where defined).
+SCORE_IOU_METRICS = ("score_iou_n", "score_iou_spearman", "score_iou_pearson")
 # IoU thresholds of the per-threshold APs; each must be one of COCOeval's (0.50:0.05:0.95).
 AP_IOUS = (0.5, 0.75, 0.9)
 # Equal-width score bins over [0, 1] of the TP / FP histograms.
@@ -243,6 +247,32 @@ class DetectionAnalysis:
         }
 
 
+def _matched(
+    coco_gt: dict[str, Any], detections: Sequence[dict[str, Any]], match_iou: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(D,) IoUs (:func:`max_same_class_iou`), (D,) scores and (D,) the mask of the matched ones."""
+    ious = max_same_class_iou(coco_gt, detections)
+    scores = np.array([float(d["score"]) for d in detections])
+    return ious, scores, ious >= match_iou
+
+
+def score_iou_metrics(
+    coco_gt: dict[str, Any], detections: Sequence[dict[str, Any]], *, match_iou: float = MATCH_IOU
+) -> dict[str, float]:
+    """Score-IoU consistency of ``detections`` as flat metrics, the numbers of
+    ``analyze_detections(...).summary()["score_iou"]``: ``score_iou_n`` (matched detections),
+    ``score_iou_spearman`` and ``score_iou_pearson``, each correlation left out where it is
+    undefined. Every evaluation adds them to ``metrics.json``, so a table can record them
+    without the run folder."""
+    ious, scores, matched = _matched(coco_gt, detections, match_iou)
+    out = {"score_iou_n": float(matched.sum())}
+    for name, correlation in (("spearman", spearman), ("pearson", pearson)):
+        value = correlation(scores[matched], ious[matched])
+        if not math.isnan(value):
+            out[f"score_iou_{name}"] = value
+    return out
+
+
 def analyze_detections(
     coco_gt: dict[str, Any], detections: Sequence[dict[str, Any]], *, match_iou: float = MATCH_IOU
 ) -> DetectionAnalysis:
@@ -250,9 +280,7 @@ def analyze_detections(
     ``coco_gt`` (the module docstring gives the rules)."""
     from hcral.evaluation import run_cocoeval
 
-    ious = max_same_class_iou(coco_gt, detections)
-    scores = np.array([float(d["score"]) for d in detections])
-    matched = ious >= match_iou
+    ious, scores, matched = _matched(coco_gt, detections, match_iou)
     evaluator = run_cocoeval(coco_gt, detections)
     if evaluator is None:  # no detections: 0 where there is ground truth, as coco_evaluate says
         has_gt = any(not a.get("iscrowd", 0) for a in coco_gt["annotations"])
