@@ -10,8 +10,8 @@ Each regime has paired ΔAPs (same seeds, 95% Student-t interval; hcral.experime
 from the studies' per-run CSVs (``experiments/results/*_runs.csv``), and its training compute from
 ``experiments/calibrate_compute.py`` (step GFLOPs per image x batch x iterations). The base regime
 is the module ablation's (docs/results.md §10d), whose GHM-C cell is the same MMDetection GHM-C at
-weight 4; its seeds 0-2 are used so every point has the same seeds. Its ATSS - RetinaNet and VFL -
-focal come from the loss swaps on Aquarium's ATSS and RetinaNet configs (§10e, §10f: the same
+weight 4; its seeds 0-2 are used so every point has the same seeds. Its ATSS - RetinaNet, VFL -
+focal and QFL - focal come from the loss swaps on Aquarium's ATSS and RetinaNet configs (§10e, §10f: the same
 frozen Lite0, size, batch and schedule), the comparisons the criterion names. A comparison without
 runs shows "not run"; a point with fewer than 2 pairs is left out of the figure. The paper's COCO
 regime is drawn for scale (its compute counted the same way; GHM-C and focal loss are level there).
@@ -51,7 +51,7 @@ LEVEL_AP = 1.0
 # A run set: (per-run CSV under experiments/results, cell name).
 Runs = tuple[str, str]
 # The comparisons of the table, in its column order: (label, treatment - baseline).
-COMPARISONS = ("GHM-C − focal", "HCRA-C − GHM-C", "ATSS − RetinaNet", "VFL − focal")
+COMPARISONS = ("GHM-C − focal", "HCRA-C − GHM-C", "ATSS − RetinaNet", "VFL − focal", "QFL − focal")
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,7 @@ _6X_BATCH16 = "calibrate_schedule6x_batch16_fcos_atss_aquarium_runs.csv"
 _VERDICT = "verdict_6x_batch16_fcos_atss_aquarium_runs.csv"
 # Criterion (2) and VFL there, as the base row measures them: the ATSS detector against RetinaNet.
 _DETECTORS_6X_BATCH16 = "calibrate_detectors6x_batch16_aquarium_runs.csv"
+_QFL_6X_BATCH16 = "calibrate_qfl6x_batch16_aquarium_runs.csv"  # against the detector study's atss runs
 POINTS = (
     Point("base (§10d)", "experiments/module_ablation_fcos_atss_aquarium.yaml", "baseline", (_BASE, "baseline"), {
         "GHM-C − focal": ((_BASE, "ghmc"), (_BASE, "baseline")),
@@ -94,6 +95,7 @@ POINTS = (
         "ATSS − RetinaNet": (("loss_swaps_atss_aquarium_runs.csv", "focal_giou"),
                              ("loss_swaps_retinanet_aquarium_runs.csv", "focal_giou")),
         "VFL − focal": (("loss_swaps_atss_aquarium_runs.csv", "vfl"), ("loss_swaps_atss_aquarium_runs.csv", "focal_giou")),
+        "QFL − focal": (("loss_swaps_atss_aquarium_runs.csv", "qfl"), ("loss_swaps_atss_aquarium_runs.csv", "focal_giou")),
     }, schedule=True),
     _axes("finetune"),
     _axes("head_4conv"),
@@ -117,6 +119,7 @@ POINTS = (
         "HCRA-C − GHM-C": ((_VERDICT, "6x_batch16/hcra_c"), (_6X_BATCH16, "6x_batch16/ghmc")),
         "ATSS − RetinaNet": ((_DETECTORS_6X_BATCH16, "6x_batch16/atss"), (_DETECTORS_6X_BATCH16, "6x_batch16/retinanet")),
         "VFL − focal": ((_DETECTORS_6X_BATCH16, "6x_batch16/atss_vfl"), (_DETECTORS_6X_BATCH16, "6x_batch16/atss")),
+        "QFL − focal": ((_QFL_6X_BATCH16, "6x_batch16/atss_qfl"), (_DETECTORS_6X_BATCH16, "6x_batch16/atss")),
     }),
 )  # fmt: skip
 # The verdict in the closest regime (issue 23, item 3): 6x schedule x batch 16, the one with the
@@ -239,7 +242,7 @@ def main() -> int:
                 plotted[c].append((p.regime, pflops, 100 * d.mean, 100 * d.ci_low, 100 * d.ci_high))
     coco = step_gflops(load_config(COCO_CONFIG, ["model.pretrained=null"])) * COCO_BATCH * COCO_ITERS / 1e6
     rows.append(["COCO 1x, R50-FPN, 1333x800 (the paper's; not run)", f"{coco:.0f}", "–",
-                 "≈ 0 (MMDetection's zoo, RetinaNet: +0.5)", "–", "+2.9 (zoo: 39.4 against 36.5)", "+0.5 to +1", "–", "–"])  # fmt: skip
+                 "≈ 0 (MMDetection's zoo, RetinaNet: +0.5)", "–", "+2.9 (zoo: 39.4 against 36.5)", "+0.5 to +1", "+0.5 to +1", "–", "–"])  # fmt: skip
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:
