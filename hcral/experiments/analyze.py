@@ -265,11 +265,12 @@ def score_iou_metrics(
     undefined. Every evaluation adds them to ``metrics.json``, so a table can record them
     without the run folder."""
     ious, scores, matched = _matched(coco_gt, detections, match_iou)
-    out = {"score_iou_n": float(matched.sum())}
-    for name, correlation in (("spearman", spearman), ("pearson", pearson)):
+    n_key, spearman_key, pearson_key = SCORE_IOU_METRICS
+    out = {n_key: float(matched.sum())}
+    for key, correlation in ((spearman_key, spearman), (pearson_key, pearson)):
         value = correlation(scores[matched], ious[matched])
         if not math.isnan(value):
-            out[f"score_iou_{name}"] = value
+            out[key] = value
     return out
 
 
