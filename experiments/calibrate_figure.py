@@ -3,8 +3,10 @@
 Run from the repository root after the calibration SPECs' runs::
 
     python experiments/calibrate_figure.py     # prints the Markdown table, writes docs/img/calibration_gap_vs_compute.png
+    python experiments/calibrate_figure.py --verdict-only     # only the verdict tables (seconds)
 
-It also prints the verdict table of the closest regime (``VERDICT``), its parts merged by seed.
+It also prints the verdict table of the closest regime (``VERDICT``), its parts merged by seed,
+and the score-IoU consistency of its cells (``consistency_table``).
 
 Each regime has paired ΔAPs (same seeds, 95% Student-t interval; hcral.experiments.stats) read
 from the studies' per-run CSVs (``experiments/results/*_runs.csv``), and its training compute from
@@ -33,7 +35,7 @@ from pathlib import Path
 
 from hcral.config import load_config
 from hcral.experiments.ablate import load_spec
-from hcral.experiments.stats import PairedDiff, format_ci, mean, paired_difference
+from hcral.experiments.stats import PairedDiff, format_ci, mean, paired_difference, std
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from calibrate_compute import TRAIN_IMAGES, step_gflops  # noqa: E402
@@ -152,13 +154,13 @@ VERDICT = {
 }  # fmt: skip
 
 
-def ap_by_seed(runs: Runs, seeds: tuple[int, ...] = SEEDS) -> dict[int, float]:
+def ap_by_seed(runs: Runs, seeds: tuple[int, ...] = SEEDS, *, metric: str = "AP") -> dict[int, float]:
     path = RESULTS / runs[0]
     if not path.is_file():
         return {}
     with path.open() as f:
         return {
-            int(r["seed"]): float(r["AP"]) for r in csv.DictReader(f)
+            int(r["seed"]): float(r[metric]) for r in csv.DictReader(f)
             if r["cell"] == runs[1] and r["status"] == "ok" and int(r["seed"]) in seeds
         }  # fmt: skip
 
@@ -187,6 +189,82 @@ def verdict_interaction() -> PairedDiff:
     seeds = focal.keys() & hcra_c.keys() & hcral.keys() & hcra_r.keys() & eatss.keys()
     treated = {s: hcral[s] + 2 * focal[s] for s in seeds}
     return paired_difference(treated, {s: hcra_c[s] + hcra_r[s] + eatss[s] for s in seeds})
+
+
+# Score-IoU consistency of the verdict cells (issue 23, item 3), by seed: runs whose folders lived
+# until `hcral analyze` read them are rows of its pooled analysis file; the rest were rerun by the
+# consistency SPECs, whose final evaluations write score_iou_* into metrics.json and so the runs CSVs.
+_POOLED_ANALYSIS = "verdict_pooled_6x_batch16_fcos_atss_aquarium_analysis.md"
+_RERUNS = ("consistency_6x_batch16_focal_ghmc_aquarium_runs.csv", "consistency_verdict5_6x_batch16_aquarium_runs.csv")
+# Column of `hcral analyze`'s per-run table -> key of metrics.json (hcral.experiments.analyze.SCORE_IOU_METRICS).
+CONSISTENCY = {"Spearman": "score_iou_spearman", "Pearson": "score_iou_pearson", "score-IoU n": "score_iou_n"}
+# Reruns are deterministic copies: their AP (6 decimals in the CSVs) must equal the original's.
+RERUN_AP_TOL = 1e-6
+
+
+def analysis_rows(name: str = _POOLED_ANALYSIS) -> dict[tuple[str, int], dict[str, str]]:
+    """(cell, seed) -> column -> value of the per-run table of an `hcral analyze` Markdown file
+    (its run column is ``<cell folder>/seed<k>``, the cell folder being the cell with ``/`` as ``__``)."""
+    path = RESULTS / name
+    if not path.is_file():
+        return {}
+    lines = path.read_text().splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    if header[0] != "run":
+        raise ValueError(f"{path}: first table's first column is {header[0]!r}, expected 'run' (hcral analyze's per-run table)")
+    rows = {}
+    for line in lines[2:]:
+        if not line.startswith("|"):
+            break  # the per-run table ends at the first non-table line
+        values = dict(zip(header, (c.strip() for c in line.strip("|").split("|"))))
+        folder, seed = values["run"].rsplit("/seed", 1)
+        rows[(folder.replace("__", "/"), int(seed))] = values
+    return rows
+
+
+def consistency_by_seed(cell: str, metric: str = "score_iou_spearman") -> dict[int, float]:
+    """``metric`` (a CONSISTENCY value) by seed for a verdict cell, from the analysis file and the reruns."""
+    column = next(c for c, m in CONSISTENCY.items() if m == metric)
+    merged = {s: float(v[column]) for (c, s), v in analysis_rows().items() if c == cell and s in VERDICT_SEEDS}
+    for runs in _RERUNS:
+        rerun = ap_by_seed((runs, cell), VERDICT_SEEDS, metric=metric)
+        if overlap := merged.keys() & rerun.keys():
+            raise ValueError(f"{cell}: seeds {sorted(overlap)} in both {_POOLED_ANALYSIS} and {runs}")
+        merged.update(rerun)
+    return merged
+
+
+def rerun_ap_check() -> list[str]:
+    """Each rerun's AP against its original's (same cell and seed in the verdict's parts): the
+    reruns must reproduce the runs whose consistency they stand for."""
+    originals = {parts[0][1]: parts for pair in VERDICT.values() for parts in pair}
+    lines = []
+    for runs in _RERUNS:
+        for cell, parts in originals.items():
+            rerun, original = ap_by_seed((runs, cell), VERDICT_SEEDS), verdict_ap(parts)
+            for s in sorted(rerun):
+                orig = f"{100 * original[s]:.4f}" if s in original else "missing"
+                same = s in original and abs(rerun[s] - original[s]) <= RERUN_AP_TOL
+                lines.append(f"{cell} seed {s}: rerun AP {100 * rerun[s]:.4f}, original {orig}{'' if same else '  MISMATCH'}")
+    return lines
+
+
+def consistency_table() -> str:
+    """Per verdict cell: seeds, mean ± std of Spearman and Pearson (score against IoU); per verdict
+    comparison: Δ Spearman paired by seed, with its CI."""
+    cells = {parts[0][1] for pair in VERDICT.values() for parts in pair}
+    lines = ["| cell | seeds | Spearman | Pearson |", "|---|---|---|---|"]
+    for cell in sorted(cells):
+        rho, r = consistency_by_seed(cell), consistency_by_seed(cell, "score_iou_pearson")
+        stats = [f"{mean(list(v.values())):.3f} ± {std(list(v.values())):.3f}" if len(v) >= 2 else "–" for v in (rho, r)]
+        lines.append(f"| `{cell}` | {','.join(map(str, sorted(rho)))} | {stats[0]} | {stats[1]} |")
+    lines += ["", "| comparison | Δ Spearman [95% CI] | Δ Pearson [95% CI] | seeds |", "|---|---|---|---|"]
+    for label, (t, b) in VERDICT.items():
+        d = {m: paired_difference(consistency_by_seed(t[0][1], m), consistency_by_seed(b[0][1], m))
+             for m in ("score_iou_spearman", "score_iou_pearson")}  # fmt: skip
+        cis = [format_ci(x, digits=3) if x.n >= 2 else "not run" for x in d.values()]
+        lines.append(f"| {label} | {cis[0]} | {cis[1]} | {d['score_iou_spearman'].n} |")
+    return "\n".join(lines)
 
 
 def training_pflops(spec_path: str, cell_name: str) -> float:
@@ -221,7 +299,23 @@ def verdict(focal_ap: float, base_focal_ap: float, diffs: dict[str, PairedDiff])
     return "yes" if atss.ci_low > 0 else "no: (2)"
 
 
-def main() -> int:
+def print_verdict() -> None:
+    """The verdict of the closest regime: ΔAP, the HCRA-R + EATSS shortfall, the score-IoU consistency."""
+    print(f"verdict in the closest regime ({VERDICT_REGIME}), paired by seed:\n")
+    print(verdict_table())
+    shortfall = verdict_interaction()
+    if shortfall.n >= 2:
+        print(f"\n(HCRAL − HCRA-C) − (HCRA-R − GIoU) − (EATSS − ATSS), per seed: {format_ci(shortfall, scale=100)} ({shortfall.n} seeds)")
+    print("\nscore-IoU consistency of the verdict cells (hcral analyze's numbers at the runs' own settings):\n")
+    print(consistency_table())
+    if check := rerun_ap_check():
+        print("\nconsistency reruns against their originals (AP x 100):\n" + "\n".join(check))
+
+
+def main(argv: list[str] | None = None) -> int:
+    if "--verdict-only" in (sys.argv[1:] if argv is None else argv):
+        print_verdict()  # no compute counting, no figure: seconds instead of minutes
+        return 0
     base_focal = mean(list(ap_by_seed(POINTS[0].focal).values()))
     header = ["regime", "training PFLOPs", "focal AP", *(f"ΔAP {c} [95% CI]" for c in COMPARISONS), "seeds", "calibrated?"]
     rows, plotted = [], {c: [] for c in COMPARISONS[:2]}
@@ -247,11 +341,8 @@ def main() -> int:
     print("|" + "---|" * len(header))
     for r in rows:
         print("| " + " | ".join(r) + " |")
-    print(f"\nverdict in the closest regime ({VERDICT_REGIME}), paired by seed:\n")
-    print(verdict_table())
-    shortfall = verdict_interaction()
-    if shortfall.n >= 2:
-        print(f"\n(HCRAL − HCRA-C) − (HCRA-R − GIoU) − (EATSS − ATSS), per seed: {format_ci(shortfall, scale=100)} ({shortfall.n} seeds)")
+    print()
+    print_verdict()
     a, b = log_linear_fit(trend)
     crossing = {y: 10 ** ((y - a) / b) for y in (-LEVEL_AP, 0.0)} if b > 0 else {}
     print(f"\nschedule trend over {len(trend)} points (GHM-C − focal = {a:+.2f} {b:+.2f} log10 PFLOPs): "
