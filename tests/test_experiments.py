@@ -109,7 +109,7 @@ def test_grid_runs_resumes_and_writes_tables(tmp_path):
     for r in results:
         assert r.run_dir.endswith(f"{r.cell.replace('/', '__')}/seed{r.seed}")
         record = json.loads((tmp_path / r.run_dir / ablate.RUN_RECORD).read_text())
-        assert record["status"] == "ok" and record["wall_s"] > 0
+        assert record["status"] == "ok" and record["wall_s"] > 0 and record["cpu"] == ablate.cpu_name()
     # The seed and the cell's overrides reached the run's config.
     cfg = ablate.load_config(tmp_path / "runs" / "atss__hcra_c" / "seed1" / ablate.RUN_CONFIG)
     assert (cfg.model.detector, cfg.loss.cls, cfg.train.seed, cfg.train.eval_interval) == ("atss", "hcra_c", 1, 0)
@@ -132,9 +132,9 @@ def test_grid_runs_resumes_and_writes_tables(tmp_path):
     assert float(row["dAP_mean"]) == pytest.approx(expected.mean, abs=1e-6)
     assert float(row["dAP_ci_high"]) == pytest.approx(expected.ci_high, abs=1e-6)
     runs = _read_csv(tmp_path / "results" / "tiny_runs.csv")
-    assert len(runs) == 8 and {r["status"] for r in runs} == {"ok"}
+    assert len(runs) == 8 and {r["status"] for r in runs} == {"ok"} and {r["cpu"] for r in runs} == {ablate.cpu_name()}
     md = (tmp_path / "results" / "tiny.md").read_text()
-    assert "Command: `hcral ablate tiny.yaml`" in md and "Seeds: 0, 1" in md
+    assert "Command: `hcral ablate tiny.yaml`" in md and "Seeds: 0, 1" in md and f"CPU: {ablate.cpu_name()}, " in md
     assert "| cell | n | AP | AP50 | AP75 | ΔAP vs baseline | ΔAP50 vs baseline | ΔAP75 vs baseline | s/run |" in md
 
     # Re-running trains nothing: every run is found finished and reused, with the same numbers.
@@ -181,11 +181,16 @@ def test_interrupted_run_is_resumed_and_failures_are_kept(tmp_path):
     first = ablate.run_grid(spec, in_process=True, threads=1, log=lambda s: None)
     ok_dir = tmp_path / first[0].run_dir
     (ok_dir / "metrics.json").unlink()
+    # ... killed on another CPU: the record written before training names it, and the resume keeps it.
+    record = ok_dir / ablate.RUN_RECORD
+    record.write_text(json.dumps({**json.loads(record.read_text()), "status": "running", "cpu": "Other CPU"}))
     ckpt = ablate.load_config(ok_dir / ablate.RUN_CONFIG)
     assert (ok_dir / "checkpoint.pt").is_file() and ckpt.train.max_iters == 2
     results = ablate.run_grid(spec, in_process=True, threads=1, log=lambda s: None)
     assert [r.status for r in results] == ["ok", "failed", "failed"]
     assert not results[0].reused  # re-run (resumed from its checkpoint at the last iteration)
+    assert results[0].cpu == f"Other CPU + {ablate.cpu_name()}"
+    assert json.loads(record.read_text())["cpu"] == results[0].cpu
     assert "DatasetError" in results[1].error and "no_data" in results[1].error
     assert results[2].error.startswith("config:") and "nope" in results[2].error
     assert [r.run_dir for r in results] == [str(p.run_dir) for p in plan]

@@ -138,6 +138,7 @@ class RunResult:
     wall_s: float = math.nan
     error: str = ""
     reused: bool = False
+    cpu: str = ""  # the CPU model(s) that trained it (cpu_name), " + "-joined if a resume changed it
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,6 +246,22 @@ def _read_json(path: Path) -> dict[str, Any]:
         return {}
 
 
+def cpu_name() -> str:
+    """The CPU model, e.g. ``AMD EPYC (family 25, model 17)``: a run can only be expected to repeat
+    bit for bit per thread count on one CPU model, whose kernels (AVX2, AVX-512) set the rounding."""
+    info: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())  # the first processor's
+    except OSError:
+        pass
+    name = info.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in info and "model" in info:
+        name += f" (family {info['cpu family']}, model {info['model']})"
+    return name
+
+
 def _finished(run: PlannedRun, metric_keys: list[str]) -> RunResult | None:
     metrics = _read_json(run.run_dir / "metrics.json")
     if not metrics:
@@ -252,7 +269,7 @@ def _finished(run: PlannedRun, metric_keys: list[str]) -> RunResult | None:
     record = _read_json(run.run_dir / RUN_RECORD)
     return RunResult(
         run.cell.name, run.seed, str(run.run_dir), "ok", {k: float(metrics[k]) for k in metric_keys if k in metrics},
-        wall_s=float(record.get("wall_s", math.nan)), reused=True,
+        wall_s=float(record.get("wall_s", math.nan)), reused=True, cpu=str(record.get("cpu", "")),
     )  # fmt: skip
 
 
@@ -307,7 +324,13 @@ def _prepare(spec: Spec, run: PlannedRun) -> str | None:
 def _execute(spec: Spec, run: PlannedRun, *, threads: int, in_process: bool) -> RunResult:
     error = _prepare(spec, run)
     record = _read_json(run.run_dir / RUN_RECORD)
-    previous_wall = float(record.get("wall_s", 0.0)) if record.get("status") != "ok" else 0.0
+    unfinished = record.get("status") != "ok"  # an earlier try failed or was killed: its time and CPU count
+    previous_wall = float(record.get("wall_s", 0.0)) if unfinished else 0.0
+    cpus = str(record.get("cpu", "")).split(" + ") if unfinished and record.get("cpu") else []
+    cpu = " + ".join(cpus if cpu_name() in cpus else [*cpus, cpu_name()])
+    if error is None:  # kept if the process is killed, so that a resume elsewhere still names this CPU
+        write_text_atomic(run.run_dir / RUN_RECORD, json.dumps(
+            {"cell": run.cell.name, "seed": run.seed, "status": "running", "wall_s": previous_wall, "cpu": cpu}))  # fmt: skip
     started = time.perf_counter()
     if error is None:
         error = (_train_in_process if in_process else _train_subprocess)(run, threads, evaluate=False)
@@ -318,12 +341,13 @@ def _execute(spec: Spec, run: PlannedRun, *, threads: int, in_process: bool) -> 
     result = _finished(run, spec.metrics) if error is None else None
     if result is None:
         result = RunResult(run.cell.name, run.seed, str(run.run_dir), "failed", error=error or "no metrics.json written")
-    result.wall_s, result.reused = wall, False
+    result.wall_s, result.reused, result.cpu = wall, False, cpu
     if run.run_dir.is_dir():
         write_text_atomic(
             run.run_dir / RUN_RECORD,
             json.dumps(
-                {"cell": result.cell, "seed": run.seed, "status": result.status, "error": result.error, "wall_s": wall}
+                {"cell": result.cell, "seed": run.seed, "status": result.status, "error": result.error, "wall_s": wall,
+                 "cpu": cpu}  # fmt: skip
             ),
         )
     return result
@@ -525,7 +549,8 @@ def runs_csv(spec: Spec, results: list[RunResult]) -> str:
     cells = {c.name: c for c in spec.cells()}
     base_metrics = {(r.cell, r.seed): r.metrics for r in results if r.status == "ok"}
     w.writerow([
-        "cell", *spec.axes, "seed", "status", *spec.metrics, *(f"d{m}" for m in spec.metrics), "wall_s", "run_dir", "error",
+        "cell", *spec.axes, "seed", "status", *spec.metrics, *(f"d{m}" for m in spec.metrics), "wall_s", "cpu", "run_dir",
+        "error",
     ])  # fmt: skip
     for r in results:
         base = base_metrics.get((spec.baseline_of(cells[r.cell]), r.seed), {})
@@ -533,7 +558,7 @@ def runs_csv(spec: Spec, results: list[RunResult]) -> str:
         w.writerow([
             r.cell, *cells[r.cell].values.values(), r.seed, r.status,
             *(_num(r.metrics.get(m, math.nan)) for m in spec.metrics),
-            *diffs, _num(r.wall_s, 1), r.run_dir, r.error,
+            *diffs, _num(r.wall_s, 1), r.cpu, r.run_dir, r.error,
         ])  # fmt: skip
     return buf.getvalue()
 
@@ -585,7 +610,8 @@ def markdown(
         f"{len(spec.seeds)} seeds = {len(results)} runs: {len(ok)} finished, {len(failed)} failed, {len(pending)} pending",
         f"- Baseline for the paired differences: {base} (same seed); 95% CI: Student t over the per-seed differences",
         f"- Wall time: {sum(walls):.0f} s in all, {mean(walls):.0f} s per run on average "
-        f"({workers} run(s) at a time, {threads} torch thread(s) each, {platform.machine()} CPU, "
+        f"({workers} run(s) at a time, {threads} torch thread(s) each, {platform.machine()} CPU: "
+        f"{'; '.join(sorted({r.cpu for r in results if r.cpu})) or 'model not recorded'}, "
         f"{os.cpu_count()} cores shared with other work)" if walls else "- Wall time: no run finished yet",
         f"- Written: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} at code version "
         f"{_code_version()}; run folders under `{spec.out_dir}`",
