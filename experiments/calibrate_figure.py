@@ -199,7 +199,7 @@ _RERUNS = ("consistency_6x_batch16_focal_ghmc_aquarium_runs.csv", "consistency_v
 # Column of `hcral analyze`'s per-run table (3 decimals) -> key of metrics.json and the runs CSVs
 # (6 decimals; hcral.experiments.analyze.SCORE_IOU_METRICS).
 CONSISTENCY = {"Spearman": "score_iou_spearman", "Pearson": "score_iou_pearson"}
-# Reruns are deterministic copies: their AP (6 decimals in the CSVs) must equal the original's.
+# A rerun repeats its original only if their APs (6 decimals in the CSVs) are equal; one did not.
 RERUN_AP_TOL = 1e-6
 
 
@@ -236,8 +236,8 @@ def consistency_by_seed(cell: str, metric: str = "score_iou_spearman") -> dict[i
 
 
 def rerun_ap_check() -> list[str]:
-    """Each rerun's AP against its original's (same cell and seed in the verdict's parts): the
-    reruns must reproduce the runs whose consistency they stand for."""
+    """Each rerun's AP against its original's (same cell and seed in the verdict's parts): whether
+    a rerun is the run whose consistency it stands for, or a second draw at the same seed."""
     originals = {parts[0][1]: parts for pair in VERDICT.values() for parts in pair}
     lines = []
     for runs in _RERUNS:
@@ -252,7 +252,7 @@ def rerun_ap_check() -> list[str]:
 
 def consistency_table() -> str:
     """Per verdict cell: seeds, mean ± std of Spearman and Pearson (score against IoU); per verdict
-    comparison: Δ Spearman paired by seed, with its CI."""
+    comparison: Δ Spearman and Δ Pearson paired by seed, with their CIs."""
     cells = {parts[0][1] for pair in VERDICT.values() for parts in pair}
     lines = ["| cell | seeds | Spearman | Pearson |", "|---|---|---|---|"]
     for cell in sorted(cells):
