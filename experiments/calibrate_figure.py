@@ -28,6 +28,7 @@ that contains 0, (2) ATSS beats RetinaNet (CI above 0).
 from __future__ import annotations
 
 import csv
+import functools
 import math
 import sys
 from dataclasses import dataclass, field
@@ -203,6 +204,7 @@ CONSISTENCY = {"Spearman": "score_iou_spearman", "Pearson": "score_iou_pearson"}
 RERUN_AP_TOL = 1e-6
 
 
+@functools.cache  # read once: every cell and comparison of the consistency table looks it up
 def analysis_rows(name: str = _POOLED_ANALYSIS) -> dict[tuple[str, int], dict[str, str]]:
     """(cell, seed) -> column -> value of the per-run table of an `hcral analyze` Markdown file
     (its run column is ``<cell folder>/seed<k>``, the cell folder being the cell with ``/`` as ``__``)."""

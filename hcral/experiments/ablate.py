@@ -33,6 +33,7 @@ tables with its status and error; the error's full log is ``train.log`` in the r
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import itertools
 import json
@@ -246,6 +247,7 @@ def _read_json(path: Path) -> dict[str, Any]:
         return {}
 
 
+@functools.cache  # the CPU does not change under a process
 def cpu_name() -> str:
     """The CPU model, e.g. ``AMD EPYC (family 25, model 17)``: a run can only be expected to repeat
     bit for bit per thread count on one CPU model, whose kernels (AVX2, AVX-512) set the rounding."""
@@ -327,7 +329,8 @@ def _execute(spec: Spec, run: PlannedRun, *, threads: int, in_process: bool) -> 
     unfinished = record.get("status") != "ok"  # an earlier try failed or was killed: its time and CPU count
     previous_wall = float(record.get("wall_s", 0.0)) if unfinished else 0.0
     cpus = str(record.get("cpu", "")).split(" + ") if unfinished and record.get("cpu") else []
-    cpu = " + ".join(cpus if cpu_name() in cpus else [*cpus, cpu_name()])
+    here = cpu_name()
+    cpu = " + ".join(cpus if here in cpus else [*cpus, here])
     if error is None:  # kept if the process is killed, so that a resume elsewhere still names this CPU
         write_text_atomic(run.run_dir / RUN_RECORD, json.dumps(
             {"cell": run.cell.name, "seed": run.seed, "status": "running", "wall_s": previous_wall, "cpu": cpu}))  # fmt: skip
