@@ -376,3 +376,37 @@ def test_run_labels_tell_ablation_runs_apart():
     assert list(run_labels(["x/focal/seed0", "x/ghmc/seed0", "x/ghmc/seed1"])) == ["focal/seed0", "ghmc/seed0", "ghmc/seed1"]
     with pytest.raises(ValueError, match="given twice"):
         run_labels(["x/a", "x/a"])
+
+
+def _cpu_dispatch_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "cpu_dispatch.py"
+    spec = importlib.util.spec_from_file_location("cpu_dispatch", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cpu_dispatch_compare_by_hand():
+    compare = _cpu_dispatch_script().compare
+    ref = [{"iter": 1, "loss": 2.0, "grad_norm": 1.0}, {"iter": 2, "loss": 1.5, "grad_norm": 4.0}]
+    assert compare(ref, [dict(r) for r in ref]) == (None, 0.0)
+    moved = [dict(ref[0]), {"iter": 2, "loss": 1.5, "grad_norm": 4.004}]
+    first, worst = compare(ref, moved)
+    assert first == 2 and worst == pytest.approx(1e-3)
+    with pytest.raises(ValueError):  # a run that logged fewer iterations is not compared silently
+        compare(ref, ref[:1])
+
+
+def test_a_run_repeats_bit_for_bit_in_a_fresh_process(tmp_path):
+    # What the consistency reruns rely on (docs/results.md, section 12): the same config, seed and
+    # thread count on this CPU give the same losses and gradient norms in two processes.
+    script = _cpu_dispatch_script()
+    config = tmp_path / "tiny.yaml"
+    config.write_text("{}\n")
+    sets = [s for s in TINY if not s.startswith(("train.max_iters", "train.log_interval"))]
+    a, b = (script.train_log(str(config), sets, 2, 1, {}, tmp_path / f"run{i}") for i in range(2))
+    assert [r["iter"] for r in a] == [1, 2]
+    assert script.compare(a, b) == (None, 0.0)
