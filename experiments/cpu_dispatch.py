@@ -21,6 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 BASE = "configs/aquarium_fcos_atss_baseline.yaml"
 # The verdict's HCRA-R cell at seed 0 (experiments/verdict5_6x_batch16_fcos_atss_aquarium.yaml),
 # whose rerun missed its original's AP.
@@ -56,7 +58,7 @@ def compare(ref: list[dict], other: list[dict]) -> tuple[int | None, float]:
     first, worst = None, 0.0
     for a, b in zip(ref, other, strict=True):
         for k in (k for k in KEYS if k in a):
-            if a[k] != b.get(k):
+            if a[k] != b[k]:
                 first = a["iter"] if first is None else first
                 worst = max(worst, abs(a[k] - b[k]) / abs(a[k]))
     return first, worst
@@ -73,9 +75,7 @@ def main() -> None:
     a = p.parse_args()
     sets = HCRA_R_SEED0 if a.set is None else a.set
     out = a.out or Path(tempfile.mkdtemp(prefix="hcral_cpu_dispatch_"))
-    import torch  # the capability ATen picked in this (uncapped) process, for the record
-
-    print(f"{a.config}, {a.iters} iterations, {a.threads} thread(s), ATen default {torch.backends.cpu.get_cpu_capability()}")
+    print(f"{a.config}, {a.iters} iterations, {a.threads} thread(s), ATen here (uncapped) {torch.backends.cpu.get_cpu_capability()}")
     print("\n| setting | first differing iteration | max relative difference (loss, grad norm) |\n|---|---|---|")
     ref = None
     for i, (name, env) in enumerate(SETTINGS.items()):

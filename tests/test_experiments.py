@@ -402,7 +402,7 @@ def test_cpu_dispatch_compare_by_hand():
 
 def test_a_run_repeats_bit_for_bit_in_a_fresh_process(tmp_path):
     # What the consistency reruns rely on (docs/results.md, section 12): the same config, seed and
-    # thread count on this CPU give the same losses and gradient norms in two processes.
+    # thread count on this CPU give the same losses in two processes.
     script = _cpu_dispatch_script()
     config = tmp_path / "tiny.yaml"
     config.write_text("{}\n")
