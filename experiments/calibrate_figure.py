@@ -252,6 +252,26 @@ def rerun_ap_check() -> list[str]:
     return lines
 
 
+def rerun_ap(cell: str) -> dict[int, float]:
+    """AP by seed of a verdict cell's consistency reruns."""
+    return {s: ap for runs in _RERUNS for s, ap in ap_by_seed((runs, cell), VERDICT_SEEDS).items()}
+
+
+def second_draw_table() -> str:
+    """ΔAP of each verdict comparison whose treated cell's reruns are second draws (an AP off its
+    original's), on those reruns against the same baseline: how far another draw at the same seeds
+    moves the verdict."""
+    lines = ["| comparison | ΔAP on the reruns [95% CI] | on the originals, same seeds | seeds |", "|---|---|---|---|"]
+    for label, (t, b) in VERDICT.items():
+        rerun, original, base = rerun_ap(t[0][1]), verdict_ap(t), verdict_ap(b)
+        if not any(s in original and abs(ap - original[s]) > RERUN_AP_TOL for s, ap in rerun.items()):
+            continue
+        d, o = paired_difference(rerun, base), paired_difference({s: original[s] for s in rerun if s in original}, base)
+        show = [format_ci(x, scale=100) if x.n >= 2 else "not run" for x in (d, o)]
+        lines.append(f"| {label} | {show[0]} | {show[1]} | {d.n} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def consistency_table() -> str:
     """Per verdict cell: seeds, mean ± std of Spearman and Pearson (score against IoU); per verdict
     comparison: Δ Spearman and Δ Pearson paired by seed, with their CIs."""
@@ -313,6 +333,8 @@ def print_verdict() -> None:
     print(consistency_table())
     if check := rerun_ap_check():
         print("\nconsistency reruns against their originals (AP x 100):\n" + "\n".join(check))
+    if second := second_draw_table():
+        print("\nthe verdict on the reruns that are second draws, against the same baselines:\n\n" + second)
 
 
 def main(argv: list[str] | None = None) -> int:
