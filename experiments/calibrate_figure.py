@@ -129,7 +129,7 @@ POINTS = (
 # smallest GHM-C - focal gap. Seeds 0-2: part 1 (HCRA-C, HCRAL) against the calibration study's
 # focal and GHM-C runs of that regime; the later parts: 2 (seed 3 of focal and GHM-C), 3 (seed 4
 # of all four), 4 (seed 3 of HCRA-C and HCRAL), 5 (HCRA-R and EATSS, seeds 0-4). Pairs are by seed
-# (runs are deterministic for a thread count). A comparison without runs shows "not run".
+# (runs repeat bit for bit per thread count on one CPU model; on another they are a second draw). A comparison without runs shows "not run".
 VERDICT_REGIME = "6x schedule, batch 16"
 VERDICT_SEEDS = (0, 1, 2, 3, 4)
 _LATER_PARTS = tuple(f"verdict{k}_6x_batch16_fcos_atss_aquarium_runs.csv" for k in (2, 3, 4, 5))
@@ -200,7 +200,8 @@ _RERUNS = ("consistency_6x_batch16_focal_ghmc_aquarium_runs.csv", "consistency_v
 # Column of `hcral analyze`'s per-run table (3 decimals) -> key of metrics.json and the runs CSVs
 # (6 decimals; hcral.experiments.analyze.SCORE_IOU_METRICS).
 CONSISTENCY = {"Spearman": "score_iou_spearman", "Pearson": "score_iou_pearson"}
-# A rerun repeats its original only if their APs (6 decimals in the CSVs) are equal; one did not.
+# A rerun repeats its original only if their APs (6 decimals in the CSVs) are equal; part 5's did
+# not (another CPU model: docs/results.md, section 12 summary).
 RERUN_AP_TOL = 1e-6
 
 
@@ -237,24 +238,28 @@ def consistency_by_seed(cell: str, metric: str = "score_iou_spearman") -> dict[i
     return merged
 
 
+def rerun_ap(cell: str) -> dict[int, float]:
+    """AP by seed of a verdict cell's consistency reruns."""
+    return {s: ap for runs in _RERUNS for s, ap in ap_by_seed((runs, cell), VERDICT_SEEDS).items()}
+
+
+def _second_draws(rerun: dict[int, float], original: dict[int, float]) -> set[int]:
+    """The seeds whose rerun did not repeat its original (an original missing counts as not repeated)."""
+    return {s for s, ap in rerun.items() if s not in original or abs(ap - original[s]) > RERUN_AP_TOL}
+
+
 def rerun_ap_check() -> list[str]:
     """Each rerun's AP against its original's (same cell and seed in the verdict's parts): whether
     a rerun is the run whose consistency it stands for, or a second draw at the same seed."""
     originals = {parts[0][1]: parts for pair in VERDICT.values() for parts in pair}
     lines = []
-    for runs in _RERUNS:
-        for cell, parts in originals.items():
-            rerun, original = ap_by_seed((runs, cell), VERDICT_SEEDS), verdict_ap(parts)
-            for s in sorted(rerun):
-                orig = f"{100 * original[s]:.4f}" if s in original else "missing"
-                same = s in original and abs(rerun[s] - original[s]) <= RERUN_AP_TOL
-                lines.append(f"{cell} seed {s}: rerun AP {100 * rerun[s]:.4f}, original {orig}{'' if same else '  MISMATCH'}")
+    for cell, parts in originals.items():
+        rerun, original = rerun_ap(cell), verdict_ap(parts)
+        differ = _second_draws(rerun, original)
+        for s in sorted(rerun):
+            orig = f"{100 * original[s]:.4f}" if s in original else "missing"
+            lines.append(f"{cell} seed {s}: rerun AP {100 * rerun[s]:.4f}, original {orig}{'  MISMATCH' if s in differ else ''}")
     return lines
-
-
-def rerun_ap(cell: str) -> dict[int, float]:
-    """AP by seed of a verdict cell's consistency reruns."""
-    return {s: ap for runs in _RERUNS for s, ap in ap_by_seed((runs, cell), VERDICT_SEEDS).items()}
 
 
 def second_draw_table() -> str:
@@ -264,7 +269,7 @@ def second_draw_table() -> str:
     lines = ["| comparison | ΔAP on the reruns [95% CI] | on the originals, same seeds | seeds |", "|---|---|---|---|"]
     for label, (t, b) in VERDICT.items():
         rerun, original, base = rerun_ap(t[0][1]), verdict_ap(t), verdict_ap(b)
-        if not any(s in original and abs(ap - original[s]) > RERUN_AP_TOL for s, ap in rerun.items()):
+        if not _second_draws(rerun, original) & original.keys():
             continue
         d, o = paired_difference(rerun, base), paired_difference({s: original[s] for s in rerun if s in original}, base)
         show = [format_ci(x, scale=100) if x.n >= 2 else "not run" for x in (d, o)]

@@ -23,15 +23,11 @@ from pathlib import Path
 
 import torch
 
-BASE = "configs/aquarium_fcos_atss_baseline.yaml"
-# The verdict's HCRA-R cell at seed 0 (experiments/verdict5_6x_batch16_fcos_atss_aquarium.yaml),
-# whose rerun missed its original's AP.
-HCRA_R_SEED0 = [
-    "train.epochs=48", "train.lr_steps=[36, 42]", "data.batch_size=16", "eval.batch_size=16",
-    "loss.hcra_alpha=-0.1", "loss.hcra_theta=8.0", "loss.hcra_mu=0.5", "loss.hcra_ep=1.0",
-    "loss.cls=focal", "loss.cls_weight=1", "loss.reg=hcra_r", "loss.hcra_gamma=0", "loss.assigner=atss",
-    "train.seed=0",
-]  # fmt: skip
+from hcral.experiments.ablate import load_spec
+
+# The verdict's HCRA-R cell at seed 0, whose rerun missed its original's AP.
+SPEC, CELL = "experiments/verdict5_6x_batch16_fcos_atss_aquarium.yaml", "6x_batch16/hcra_r"
+
 SETTINGS: dict[str, dict[str, str]] = {
     "as is": {},
     "as is, again": {},
@@ -66,20 +62,24 @@ def compare(ref: list[dict], other: list[dict]) -> tuple[int | None, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=BASE)
-    p.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
-                   help="overrides (default: the verdict's HCRA-R cell at seed 0)")  # fmt: skip
+    p.add_argument("--spec", default=SPEC, help="an hcral ablate SPEC")
+    p.add_argument("--cell", default=CELL, help="one of its cells")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=None, help="run folders (default: a temporary folder)")
     a = p.parse_args()
-    sets = HCRA_R_SEED0 if a.set is None else a.set
+    spec = load_spec(a.spec)
+    cell = next((c for c in spec.cells() if c.name == a.cell), None)
+    if cell is None:
+        p.error(f"--cell {a.cell!r} is not a cell of {a.spec}; its cells: {', '.join(c.name for c in spec.cells())}")
+    sets = [*spec.base_overrides, *cell.overrides, f"train.seed={a.seed}"]
     out = a.out or Path(tempfile.mkdtemp(prefix="hcral_cpu_dispatch_"))
-    print(f"{a.config}, {a.iters} iterations, {a.threads} thread(s), ATen here (uncapped) {torch.backends.cpu.get_cpu_capability()}")
+    print(f"{a.spec} {a.cell} seed {a.seed}, {a.iters} iterations, {a.threads} thread(s), ATen here (uncapped) {torch.backends.cpu.get_cpu_capability()}")
     print("\n| setting | first differing iteration | max relative difference (loss, grad norm) |\n|---|---|---|")
     ref = None
     for i, (name, env) in enumerate(SETTINGS.items()):
-        log = train_log(a.config, sets, a.iters, a.threads, env, out / f"run{i}")
+        log = train_log(spec.base_config, sets, a.iters, a.threads, env, out / f"run{i}")
         if ref is None:
             ref = log
             continue

@@ -1,6 +1,26 @@
-"""Test-suite settings: hypothesis draws the same examples on every run (CI is reproducible)."""
+"""Test-suite settings: hypothesis draws the same examples on every run (CI is reproducible); the
+scripts of experiments/ (not a package) are imported by file name."""
 
+import importlib.util
+from pathlib import Path
+
+import pytest
 from hypothesis import settings
 
 settings.register_profile("hcral", derandomize=True, database=None, deadline=None, print_blob=True)
 settings.load_profile("hcral")
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+@pytest.fixture(scope="session")
+def experiment_script():
+    """``load(file name)`` -> the module of that script of experiments/."""
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(Path(name).stem, EXPERIMENTS / name)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

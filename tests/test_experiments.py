@@ -378,19 +378,8 @@ def test_run_labels_tell_ablation_runs_apart():
         run_labels(["x/a", "x/a"])
 
 
-def _cpu_dispatch_script():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "experiments" / "cpu_dispatch.py"
-    spec = importlib.util.spec_from_file_location("cpu_dispatch", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_cpu_dispatch_compare_by_hand():
-    compare = _cpu_dispatch_script().compare
+def test_cpu_dispatch_compare_by_hand(experiment_script):
+    compare = experiment_script("cpu_dispatch.py").compare
     ref = [{"iter": 1, "loss": 2.0, "grad_norm": 1.0}, {"iter": 2, "loss": 1.5, "grad_norm": 4.0}]
     assert compare(ref, [dict(r) for r in ref]) == (None, 0.0)
     moved = [dict(ref[0]), {"iter": 2, "loss": 1.5, "grad_norm": 4.004}]
@@ -400,10 +389,10 @@ def test_cpu_dispatch_compare_by_hand():
         compare(ref, ref[:1])
 
 
-def test_a_run_repeats_bit_for_bit_in_a_fresh_process(tmp_path):
+def test_a_run_repeats_bit_for_bit_in_a_fresh_process(tmp_path, experiment_script):
     # What the consistency reruns rely on (docs/results.md, section 12): the same config, seed and
     # thread count on this CPU give the same losses in two processes.
-    script = _cpu_dispatch_script()
+    script = experiment_script("cpu_dispatch.py")
     config = tmp_path / "tiny.yaml"
     config.write_text("{}\n")
     sets = [s for s in TINY if not s.startswith(("train.max_iters", "train.log_interval"))]

@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "mmdet_atss_aquarium.py"
-
 
 @pytest.fixture(scope="module")
-def study():
-    spec = importlib.util.spec_from_file_location("mmdet_atss_aquarium", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def study(experiment_script):
+    return experiment_script("mmdet_atss_aquarium.py")
 
 
 def _log(work_dir: Path, stamp: str, records: list[dict]) -> None:
