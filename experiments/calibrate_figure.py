@@ -87,6 +87,7 @@ _GHMC_3X = "calibrate_schedule_ghmc_fcos_atss_aquarium_runs.csv"
 _SCHEDULE_6X = "calibrate_schedule6x_fcos_atss_aquarium_runs.csv"
 _SCHEDULE_9X = "calibrate_schedule9x_fcos_atss_aquarium_runs.csv"
 _6X_BATCH16 = "calibrate_schedule6x_batch16_fcos_atss_aquarium_runs.csv"
+_9X_BATCH16 = "calibrate_schedule9x_batch16_fcos_atss_aquarium_runs.csv"
 _VERDICT = "verdict_6x_batch16_fcos_atss_aquarium_runs.csv"
 # Criterion (2) and VFL there, as the base row measures them: the ATSS detector against RetinaNet.
 _DETECTORS_6X_BATCH16 = "calibrate_detectors6x_batch16_aquarium_runs.csv"
@@ -115,7 +116,7 @@ POINTS = (
     Point("9x schedule", "experiments/calibrate_schedule9x_fcos_atss_aquarium.yaml", "9x/focal", (_SCHEDULE_9X, "9x/focal"), {
         "GHM-C − focal": ((_SCHEDULE_9X, "9x/ghmc"), (_SCHEDULE_9X, "9x/focal")),
     }, schedule=True),
-    # Two axes combined (6x schedule and batch 16): off the schedule trend, which is batch 8.
+    # Two axes combined (schedule and batch 16): off the schedule trend, which is batch 8.
     Point("6x schedule, batch 16", "experiments/calibrate_schedule6x_batch16_fcos_atss_aquarium.yaml", "6x_batch16/focal",
           (_6X_BATCH16, "6x_batch16/focal"), {
         "GHM-C − focal": ((_6X_BATCH16, "6x_batch16/ghmc"), (_6X_BATCH16, "6x_batch16/focal")),
@@ -123,6 +124,10 @@ POINTS = (
         "ATSS − RetinaNet": ((_DETECTORS_6X_BATCH16, "6x_batch16/atss"), (_DETECTORS_6X_BATCH16, "6x_batch16/retinanet")),
         "VFL − focal": ((_DETECTORS_6X_BATCH16, "6x_batch16/atss_vfl"), (_DETECTORS_6X_BATCH16, "6x_batch16/atss")),
         "QFL − focal": ((_QFL_6X_BATCH16, "6x_batch16/atss_qfl"), (_DETECTORS_6X_BATCH16, "6x_batch16/atss")),
+    }),
+    Point("9x schedule, batch 16", "experiments/calibrate_schedule9x_batch16_fcos_atss_aquarium.yaml", "9x_batch16/focal",
+          (_9X_BATCH16, "9x_batch16/focal"), {
+        "GHM-C − focal": ((_9X_BATCH16, "9x_batch16/ghmc"), (_9X_BATCH16, "9x_batch16/focal")),
     }),
 )  # fmt: skip
 # The verdict in the closest regime (issue 23, item 3): 6x schedule x batch 16, the one with the

@@ -2,6 +2,7 @@
 scripts of experiments/ (not a package) are imported by file name."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ def experiment_script():
     def load(name: str):
         spec = importlib.util.spec_from_file_location(Path(name).stem, EXPERIMENTS / name)
         module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
         spec.loader.exec_module(module)
         return module
 

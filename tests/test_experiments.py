@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -399,3 +400,43 @@ def test_a_run_repeats_bit_for_bit_in_a_fresh_process(tmp_path, experiment_scrip
     a, b = (script.train_log(str(config), sets, 2, 1, {}, tmp_path / f"run{i}") for i in range(2))
     assert [r["iter"] for r in a] == [1, 2]
     assert script.compare(a, b) == (None, 0.0)
+
+
+def _diff(per_seed_ap_points: list[float]):
+    """A PairedDiff whose per-seed differences are these AP points (AP in [0, 1], as the CSVs)."""
+    return paired_difference({s: d / 100 for s, d in enumerate(per_seed_ap_points)}, {s: 0.0 for s in range(len(per_seed_ap_points))})
+
+
+def test_calibration_criterion_condition_by_condition(experiment_script):
+    verdict = experiment_script("calibrate_figure.py").verdict
+    level, behind, atss_wins, atss_ties = _diff([-0.5, 0.5, -0.3]), _diff([-1.2, -0.9, -1.0]), _diff([3.0, 4.0, 3.5]), _diff([-1.0, 1.0, 0.5])
+    assert verdict(0.17, 0.12, {}) == "not run"
+    assert verdict(0.17, 0.12, {"GHM-C − focal": _diff([-0.5])}) == "not run"  # one pair has no CI
+    assert verdict(0.10, 0.12, {"GHM-C − focal": level}) == "no: (0) focal below base"
+    assert verdict(0.17, 0.12, {"GHM-C − focal": behind}) == "no: (1)"  # inside 1 AP, CI excludes 0
+    assert verdict(0.17, 0.12, {"GHM-C − focal": _diff([-3.0, 2.0, -2.5])}) == "no: (1)"  # CI has 0, mean beyond 1 AP
+    assert verdict(0.17, 0.12, {"GHM-C − focal": level}) == "(1) yes; (2) not run"
+    assert verdict(0.17, 0.12, {"GHM-C − focal": level, "ATSS − RetinaNet": atss_ties}) == "no: (2)"
+    assert verdict(0.17, 0.12, {"GHM-C − focal": level, "ATSS − RetinaNet": atss_wins}) == "yes"
+
+
+def test_calibration_trend_fit_and_second_draws(experiment_script):
+    script = experiment_script("calibrate_figure.py")
+    a, b = script.log_linear_fit([(0.01, -5.0), (0.1, -2.0), (1.0, 1.0)])  # on the line -2 + 3 log10 x
+    assert (a, b) == (pytest.approx(1.0), pytest.approx(3.0))
+    original = {0: 0.17, 1: 0.16}
+    assert script._second_draws({0: 0.17, 1: 0.16 + 2e-6, 2: 0.15}, original) == {1, 2}  # seed 2: no original
+
+
+def test_calibration_points_name_cells_of_their_specs(experiment_script):
+    # Each regime's compute is counted from its SPEC cell, and its runs are looked up by cell name:
+    # a renamed cell would silently read as "not run".
+    script = experiment_script("calibrate_figure.py")
+    for point in script.POINTS:
+        spec = ablate.load_spec(Path(__file__).resolve().parents[1] / point.spec)
+        names = {c.name for c in spec.cells()}
+        assert point.spec_cell in names, (point.regime, sorted(names))
+        for treated, base in point.pairs.values():
+            for csv_name, cell in (treated, base):
+                if csv_name.startswith(Path(point.spec).stem):
+                    assert cell in names, (point.regime, cell, sorted(names))
