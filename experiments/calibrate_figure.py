@@ -15,8 +15,8 @@ is the module ablation's (docs/results.md §10d), whose GHM-C cell is the same M
 weight 4; its seeds 0-2 are used so every point has the same seeds. Its ATSS - RetinaNet, VFL -
 focal and QFL - focal come from the loss swaps on Aquarium's ATSS and RetinaNet configs (§10e, §10f: the same
 frozen Lite0, size, batch and schedule), the comparisons the criterion names. A comparison without
-runs shows "not run"; a point with fewer than 2 pairs is left out of the figure. The paper's COCO
-regime is drawn for scale (its compute counted the same way; GHM-C and focal loss are level there).
+runs shows "not run"; a point with fewer pairs than SEEDS is left out of the figure and of the
+trend, and not judged. The paper's COCO regime is drawn for scale (its compute counted the same way; GHM-C and focal loss are level there).
 The schedule points' mean GHM-C - focal is fitted against log10 compute (a trend line, drawn
 dotted); where it would reach -1 and 0 AP is an extrapolation, printed as such.
 
@@ -321,8 +321,10 @@ def log_linear_fit(points: list[tuple[float, float]]) -> tuple[float, float]:
 def verdict(focal_ap: float, base_focal_ap: float, diffs: dict[str, PairedDiff]) -> str:
     """The criterion (module docstring), condition by condition."""
     ghmc, atss = diffs.get("GHM-C − focal"), diffs.get("ATSS − RetinaNet")
-    if ghmc is None or ghmc.n < 2:
+    if ghmc is None or ghmc.n == 0:
         return "not run"
+    if ghmc.n < len(SEEDS):  # the design's seeds per cell; 2 pairs give a t-interval 3.6x as wide as 3
+        return f"not judged: {ghmc.n} of {len(SEEDS)} seeds"
     if focal_ap < base_focal_ap:
         return "no: (0) focal below base"
     if not (abs(100 * ghmc.mean) <= LEVEL_AP and ghmc.ci_low <= 0 <= ghmc.ci_high):
@@ -362,11 +364,11 @@ def main(argv: list[str] | None = None) -> int:
         focal_ap = mean(list(focal.values())) if focal else float("nan")
         cells = [format_ci(diffs[c], scale=100) if c in diffs and diffs[c].n else "not run" for c in COMPARISONS]
         n = diffs["GHM-C − focal"].n
-        if p.schedule and n >= 2:
+        if p.schedule and n >= len(SEEDS):
             trend.append((pflops, 100 * diffs["GHM-C − focal"].mean))
         rows.append([p.regime, f"{pflops:.3f}", f"{100 * focal_ap:.1f}" if focal else "–", *cells, str(n), verdict(focal_ap, base_focal, diffs)])
         for c in plotted:
-            if c in diffs and diffs[c].n >= 2:
+            if c in diffs and diffs[c].n >= len(SEEDS):
                 d = diffs[c]
                 plotted[c].append((p.regime, pflops, 100 * d.mean, 100 * d.ci_low, 100 * d.ci_high))
     coco = step_gflops(load_config(COCO_CONFIG, ["model.pretrained=null"])) * COCO_BATCH * COCO_ITERS / 1e6

@@ -411,7 +411,7 @@ def test_calibration_criterion_condition_by_condition(experiment_script):
     verdict = experiment_script("calibrate_figure.py").verdict
     level, behind, atss_wins, atss_ties = _diff([-0.5, 0.5, -0.3]), _diff([-1.2, -0.9, -1.0]), _diff([3.0, 4.0, 3.5]), _diff([-1.0, 1.0, 0.5])
     assert verdict(0.17, 0.12, {}) == "not run"
-    assert verdict(0.17, 0.12, {"GHM-C − focal": _diff([-0.5])}) == "not run"  # one pair has no CI
+    assert verdict(0.17, 0.12, {"GHM-C − focal": _diff([-0.5, 0.4])}) == "not judged: 2 of 3 seeds"  # the design has 3
     assert verdict(0.10, 0.12, {"GHM-C − focal": level}) == "no: (0) focal below base"
     assert verdict(0.17, 0.12, {"GHM-C − focal": behind}) == "no: (1)"  # inside 1 AP, CI excludes 0
     assert verdict(0.17, 0.12, {"GHM-C − focal": _diff([-3.0, 2.0, -2.5])}) == "no: (1)"  # CI has 0, mean beyond 1 AP
