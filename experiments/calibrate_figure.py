@@ -16,7 +16,8 @@ weight 4; its seeds 0-2 are used so every point has the same seeds. Its ATSS - R
 focal and QFL - focal come from the loss swaps on Aquarium's ATSS and RetinaNet configs (§10e, §10f: the same
 frozen Lite0, size, batch and schedule), the comparisons the criterion names. A comparison without
 runs shows "not run"; a point with fewer pairs than SEEDS is left out of the figure and of the
-trend, and not judged. The paper's COCO regime is drawn for scale (its compute counted the same way; GHM-C and focal loss are level there).
+trend, and not judged. The paper's COCO regime is drawn for scale (its compute counted the same
+way; GHM-C and focal loss are level there).
 The schedule points' mean GHM-C - focal is fitted against log10 compute (a trend line, drawn
 dotted); where it would reach -1 and 0 AP is an extrapolation, printed as such.
 
