@@ -303,7 +303,7 @@ def consistency_table() -> str:
 
 def training_pflops(spec_path: str, cell_name: str) -> float:
     spec = load_spec(spec_path)
-    cell = next(c for c in spec.cells() if c.name == cell_name)
+    cell = spec.cell(cell_name)
     cfg = load_config(spec.base_config, [*spec.base_overrides, *cell.overrides])
     iters = cfg.train.epochs * -(-TRAIN_IMAGES // cfg.data.batch_size)
     return step_gflops(cfg) * cfg.data.batch_size * iters / 1e6

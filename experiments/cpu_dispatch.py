@@ -70,9 +70,10 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None, help="run folders (default: a temporary folder)")
     a = p.parse_args()
     spec = load_spec(a.spec)
-    cell = next((c for c in spec.cells() if c.name == a.cell), None)
-    if cell is None:
-        p.error(f"--cell {a.cell!r} is not a cell of {a.spec}; its cells: {', '.join(c.name for c in spec.cells())}")
+    try:
+        cell = spec.cell(a.cell)
+    except ValueError as e:
+        p.error(f"--cell: {e}")
     sets = [*spec.base_overrides, *cell.overrides, f"train.seed={a.seed}"]
     out = a.out or Path(tempfile.mkdtemp(prefix="hcral_cpu_dispatch_"))
     print(f"{a.spec} {a.cell} seed {a.seed}, {a.iters} iterations, {a.threads} thread(s), ATen here (uncapped) {torch.backends.cpu.get_cpu_capability()}")

@@ -1,6 +1,7 @@
 """Test-suite settings: hypothesis draws the same examples on every run (CI is reproducible); the
 scripts of experiments/ (not a package) are imported by file name."""
 
+import functools
 import importlib.util
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 def experiment_script():
     """``load(file name)`` -> the module of that script of experiments/."""
 
+    @functools.cache  # one module per script and session, as an import would give
     def load(name: str):
         spec = importlib.util.spec_from_file_location(Path(name).stem, EXPERIMENTS / name)
         module = importlib.util.module_from_spec(spec)

@@ -440,3 +440,6 @@ def test_calibration_points_name_cells_of_their_specs(experiment_script):
             for csv_name, cell in (treated, base):
                 if csv_name.startswith(Path(point.spec).stem):
                     assert cell in names, (point.regime, cell, sorted(names))
+    spec = ablate.load_spec(Path(__file__).resolve().parents[1] / "experiments/calibrate_schedule9x_batch16_fcos_atss_aquarium.yaml")
+    with pytest.raises(ValueError, match="no cell '9x_batch16/ghm'.*its cells: 9x_batch16/focal, 9x_batch16/ghmc"):
+        spec.cell("9x_batch16/ghm")  # a typo names the valid cells

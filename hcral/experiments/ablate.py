@@ -122,6 +122,14 @@ class Spec:
             cells.append(Cell(values, overrides))
         return cells
 
+    def cell(self, name: str) -> Cell:
+        """The cell called ``name`` (axis values joined by ``/``); a ValueError names the valid ones."""
+        cells = self.cells()
+        for c in cells:
+            if c.name == name:
+                return c
+        raise ValueError(f"{self.path or self.name}: no cell {name!r}; its cells: {', '.join(c.name for c in cells)}")
+
     def baseline_of(self, cell: Cell) -> str:
         """Name of the cell ``cell`` is compared with."""
         if isinstance(self.baseline, str):
