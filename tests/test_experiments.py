@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -143,6 +144,29 @@ def test_grid_runs_resumes_and_writes_tables(tmp_path):
     assert all(r.reused for r in again)
     assert [r.metrics for r in again] == [r.metrics for r in results]
     assert "8 finished already, 0 failed (stale config), 0 to run" in logs[-1]
+
+    # Run folders are scratch: with them gone, the committed runs CSV is the record. Nothing is
+    # trained again and the tables are written back unchanged, not overwritten as pending.
+    tables = {p.name: p.read_text() for p in (tmp_path / "results").iterdir()}
+    shutil.rmtree(tmp_path / "runs")
+    recovered = ablate.run_grid(spec, in_process=True, threads=1, log=logs.append)
+    assert not (tmp_path / "runs").exists()
+    assert "8 finished already (8 of them from " in logs[-1] and "0 to run" in logs[-1]
+    assert all(r.reused and r.status == "ok" for r in recovered)
+    assert [r.metrics for r in recovered] == [{k: round(v, 6) for k, v in r.metrics.items()} for r in results]
+    assert (tmp_path / "results" / "tiny_runs.csv").read_text() == tables["tiny_runs.csv"]
+    # The cell table is recomputed from the CSV's rounding (metrics to 1e-6, wall_s to 0.1 s).
+    for new_row, old_row in zip(_read_csv(tmp_path / "results" / "tiny.csv"), cells, strict=True):
+        for k, v in old_row.items():
+            tol = 0.1 if k == "wall_s_mean" else 1e-5
+            assert new_row[k] == v or float(new_row[k]) == pytest.approx(float(v), abs=tol), k
+    # A row without every metric of the SPEC (or not "ok") is no record: that run is planned again.
+    rows = (tmp_path / "results" / "tiny_runs.csv").read_text().splitlines()
+    rows[1] = rows[1].replace(",ok,", ",pending,", 1)
+    (tmp_path / "results" / "tiny_runs.csv").write_text("\n".join(rows) + "\n")
+    planned = ablate.run_grid(spec, dry_run=True, log=logs.append)
+    assert [r.status for r in planned] == ["pending"] + ["ok"] * 7
+    assert "7 finished already (7 of them from " in logs[-9] and "1 to run" in logs[-9]
 
 
 def test_score_iou_metrics_reach_the_tables_scaled_like_ap_and_counts_as_they_are(tmp_path):

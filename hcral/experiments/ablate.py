@@ -25,7 +25,10 @@ A run is one cell with one seed, in ``<out_dir>/<value>__<value>/seed<k>``. Its 
 written there as ``ablate_config.yaml`` and trained with ``hcral train ... --resume``, so a crashed
 run continues from its checkpoint. Periodic evaluation is switched off (``train.eval_interval=0``),
 so ``metrics.json`` is written only by the final evaluation: a run whose ``metrics.json`` exists is
-finished and is skipped on the next invocation. A run whose folder holds a different config fails
+finished and is skipped on the next invocation. A run whose folder is gone (run folders are
+scratch; the tables are what is committed) but that ``<results>_runs.csv`` records as finished, with
+every metric, is taken from there rather than trained again or overwritten as pending; change a
+SPEC's overrides only with a new ``results`` path. A run whose folder holds a different config fails
 with a message instead of mixing results. Every run that fails (bad override, crash) is kept in the
 tables with its status and error; the error's full log is ``train.log`` in the run folder.
 """
@@ -283,6 +286,26 @@ def _finished(run: PlannedRun, metric_keys: list[str]) -> RunResult | None:
     )  # fmt: skip
 
 
+def _recorded(spec: Spec) -> dict[tuple[str, int, str], RunResult]:
+    """Finished runs that ``<results>_runs.csv`` records, by (cell, seed, run folder), with every metric."""
+    path = Path(f"{spec.results}_runs.csv")
+    if not path.is_file():
+        return {}
+    found = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            try:
+                metrics = {m: float(row[m]) for m in spec.metrics}
+                key = (row["cell"], int(row["seed"]), row["run_dir"])
+                ok = row["status"] == "ok" and all(math.isfinite(v) for v in metrics.values())
+            except (KeyError, TypeError, ValueError):  # another SPEC's columns or a pending row
+                continue
+            if ok:
+                found[key] = RunResult(*key, "ok", metrics, wall_s=float(row.get("wall_s") or math.nan), reused=True,
+                                       cpu=row.get("cpu", ""))  # fmt: skip
+    return found
+
+
 def _last_error_line(text: str) -> str:
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     for ln in reversed(lines):
@@ -437,8 +460,13 @@ def run_grid(
     plan = plan_runs(spec)
     results: dict[int, RunResult] = {}
     todo = []
+    recorded = _recorded(spec)
+    n_recorded = 0
     for i, run in enumerate(plan):
         done = _finished(run, spec.metrics)
+        if done is None and not run.run_dir.exists():
+            done = recorded.get((run.cell.name, run.seed, str(run.run_dir)))
+            n_recorded += done is not None
         stale = _stale_config(spec, run) if done is not None else None
         if stale is not None:
             results[i] = RunResult(run.cell.name, run.seed, str(run.run_dir), "failed", error=stale)
@@ -449,8 +477,9 @@ def run_grid(
     # Seed-major: an interrupted grid still has every cell paired with its baseline on the first seeds.
     todo.sort(key=lambda i: (spec.seeds.index(plan[i].seed), i))
     n_stale = sum(r.status == "failed" for r in results.values())
-    log(f"{spec.name}: {len(plan)} runs, {len(results) - n_stale} finished already, {n_stale} failed (stale config), "
-        f"{len(todo)} to run "
+    from_csv = f" ({n_recorded} of them from {spec.results}_runs.csv: their folders are gone)" if n_recorded else ""
+    log(f"{spec.name}: {len(plan)} runs, {len(results) - n_stale} finished already{from_csv}, {n_stale} failed "
+        f"(stale config), {len(todo)} to run "
         f"({workers} at a time, {threads} threads each)")  # fmt: skip
     if dry_run:
         for i, run in enumerate(plan):
