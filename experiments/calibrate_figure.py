@@ -93,6 +93,7 @@ _VERDICT = "verdict_6x_batch16_fcos_atss_aquarium_runs.csv"
 # Criterion (2) and VFL there, as the base row measures them: the ATSS detector against RetinaNet.
 _DETECTORS_6X_BATCH16 = "calibrate_detectors6x_batch16_aquarium_runs.csv"
 _QFL_6X_BATCH16 = "calibrate_qfl6x_batch16_aquarium_runs.csv"  # against the detector study's atss runs
+_DETECTORS_9X_BATCH16 = "calibrate_detectors9x_batch16_aquarium_runs.csv"  # run only if 9x x batch 16 passes (0)-(1)
 POINTS = (
     Point("base (§10d)", "experiments/module_ablation_fcos_atss_aquarium.yaml", "baseline", (_BASE, "baseline"), {
         "GHM-C − focal": ((_BASE, "ghmc"), (_BASE, "baseline")),
@@ -129,6 +130,8 @@ POINTS = (
     Point("9x schedule, batch 16", "experiments/calibrate_schedule9x_batch16_fcos_atss_aquarium.yaml", "9x_batch16/focal",
           (_9X_BATCH16, "9x_batch16/focal"), {
         "GHM-C − focal": ((_9X_BATCH16, "9x_batch16/ghmc"), (_9X_BATCH16, "9x_batch16/focal")),
+        "ATSS − RetinaNet": ((_DETECTORS_9X_BATCH16, "9x_batch16/atss"), (_DETECTORS_9X_BATCH16, "9x_batch16/retinanet")),
+        "VFL − focal": ((_DETECTORS_9X_BATCH16, "9x_batch16/atss_vfl"), (_DETECTORS_9X_BATCH16, "9x_batch16/atss")),
     }),
 )  # fmt: skip
 # The verdict in the closest regime (issue 23, item 3): 6x schedule x batch 16, the one with the
