@@ -68,6 +68,7 @@ SPEC_KEYS = (
 RUN_RECORD = "ablate_run.json"
 RUN_CONFIG = "ablate_config.yaml"
 RUN_LOG = "train.log"
+RUNS_TABLE = "_runs.csv"  # <results>_runs.csv: one row per run, the committed record of finished runs
 # Every run's metrics.json must come from its final evaluation only (it marks the run finished).
 FORCED_OVERRIDES = ("train.eval_interval=0",)
 CONFIDENCE = 0.95
@@ -286,9 +287,14 @@ def _finished(run: PlannedRun, metric_keys: list[str]) -> RunResult | None:
     )  # fmt: skip
 
 
-def _recorded(spec: Spec) -> dict[tuple[str, int, str], RunResult]:
-    """Finished runs that ``<results>_runs.csv`` records, by (cell, seed, run folder), with every metric."""
-    path = Path(f"{spec.results}_runs.csv")
+def _table(spec: Spec, suffix: str) -> Path:
+    """``<results><suffix>``: one of the tables ``write_tables`` writes."""
+    prefix = Path(spec.results)
+    return prefix.with_name(prefix.name + suffix)
+
+
+def _recorded(spec: Spec, path: Path) -> dict[tuple[str, int, str], RunResult]:
+    """Finished runs that the runs table at ``path`` records, by (cell, seed, run folder), with every metric."""
     if not path.is_file():
         return {}
     found = {}
@@ -460,7 +466,8 @@ def run_grid(
     plan = plan_runs(spec)
     results: dict[int, RunResult] = {}
     todo = []
-    recorded = _recorded(spec)
+    runs_table = _table(spec, RUNS_TABLE)
+    recorded = _recorded(spec, runs_table)
     n_recorded = 0
     for i, run in enumerate(plan):
         done = _finished(run, spec.metrics)
@@ -477,7 +484,7 @@ def run_grid(
     # Seed-major: an interrupted grid still has every cell paired with its baseline on the first seeds.
     todo.sort(key=lambda i: (spec.seeds.index(plan[i].seed), i))
     n_stale = sum(r.status == "failed" for r in results.values())
-    from_csv = f" ({n_recorded} of them from {spec.results}_runs.csv: their folders are gone)" if n_recorded else ""
+    from_csv = f" ({n_recorded} of them from {runs_table}: their folders are gone)" if n_recorded else ""
     log(f"{spec.name}: {len(plan)} runs, {len(results) - n_stale} finished already{from_csv}, {n_stale} failed "
         f"(stale config), {len(todo)} to run "
         f"({workers} at a time, {threads} threads each)")  # fmt: skip
@@ -692,9 +699,8 @@ def markdown(
 def write_tables(spec: Spec, results: list[RunResult], *, command: str = "", threads: int = 1, workers: int = 1) -> list[Path]:
     """Write ``<results>.csv`` (per cell), ``<results>_runs.csv`` (per run) and ``<results>.md``."""
     summaries = summarize(spec, results)
-    prefix = Path(spec.results)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    paths = [prefix.with_name(prefix.name + suffix) for suffix in (".csv", "_runs.csv", ".md")]
+    paths = [_table(spec, suffix) for suffix in (".csv", RUNS_TABLE, ".md")]
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(paths[0], cells_csv(spec, summaries))
     write_text_atomic(paths[1], runs_csv(spec, results))
     write_text_atomic(paths[2], markdown(spec, results, summaries, command=command, threads=threads, workers=workers))
