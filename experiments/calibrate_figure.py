@@ -5,8 +5,8 @@ Run from the repository root after the calibration SPECs' runs::
     python experiments/calibrate_figure.py     # prints the Markdown table, writes docs/img/calibration_gap_vs_compute.png
     python experiments/calibrate_figure.py --verdict-only     # only the verdict tables (seconds)
 
-It also prints the verdict table of the closest regime (``VERDICT``), its parts merged by seed,
-and the score-IoU consistency of its cells (``consistency_table``).
+It also prints the verdict table of each regime that has one (``VERDICTS``), its parts merged by
+seed, and the score-IoU consistency of its cells (``consistency_table``).
 
 Each regime has paired ΔAPs (same seeds, 95% Student-t interval; hcral.experiments.stats) read
 from the studies' per-run CSVs (``experiments/results/*_runs.csv``), and its training compute from
@@ -94,6 +94,9 @@ _VERDICT = "verdict_6x_batch16_fcos_atss_aquarium_runs.csv"
 _DETECTORS_6X_BATCH16 = "calibrate_detectors6x_batch16_aquarium_runs.csv"
 _QFL_6X_BATCH16 = "calibrate_qfl6x_batch16_aquarium_runs.csv"  # against the detector study's atss runs
 _DETECTORS_9X_BATCH16 = "calibrate_detectors9x_batch16_aquarium_runs.csv"  # run only if 9x x batch 16 passes (0)-(1)
+# The verdict at 9x x batch 16, run only if that regime is calibrated.
+_VERDICT_9X_BATCH16 = "verdict_9x_batch16_fcos_atss_aquarium_runs.csv"
+_BASELINES_9X_BATCH16 = "verdict_baselines_9x_batch16_fcos_atss_aquarium_runs.csv"
 POINTS = (
     Point("base (§10d)", "experiments/module_ablation_fcos_atss_aquarium.yaml", "baseline", (_BASE, "baseline"), {
         "GHM-C − focal": ((_BASE, "ghmc"), (_BASE, "baseline")),
@@ -130,38 +133,70 @@ POINTS = (
     Point("9x schedule, batch 16", "experiments/calibrate_schedule9x_batch16_fcos_atss_aquarium.yaml", "9x_batch16/focal",
           (_9X_BATCH16, "9x_batch16/focal"), {
         "GHM-C − focal": ((_9X_BATCH16, "9x_batch16/ghmc"), (_9X_BATCH16, "9x_batch16/focal")),
+        "HCRA-C − GHM-C": ((_VERDICT_9X_BATCH16, "9x_batch16/hcra_c"), (_9X_BATCH16, "9x_batch16/ghmc")),
         "ATSS − RetinaNet": ((_DETECTORS_9X_BATCH16, "9x_batch16/atss"), (_DETECTORS_9X_BATCH16, "9x_batch16/retinanet")),
         "VFL − focal": ((_DETECTORS_9X_BATCH16, "9x_batch16/atss_vfl"), (_DETECTORS_9X_BATCH16, "9x_batch16/atss")),
     }),
 )  # fmt: skip
-# The verdict in the closest regime (issue 23, item 3): 6x schedule x batch 16, the one with the
-# smallest GHM-C - focal gap. Seeds 0-2: part 1 (HCRA-C, HCRAL) against the calibration study's
-# focal and GHM-C runs of that regime; the later parts: 2 (seed 3 of focal and GHM-C), 3 (seed 4
-# of all four), 4 (seed 3 of HCRA-C and HCRAL), 5 (HCRA-R and EATSS, seeds 0-4). Pairs are by seed
-# (runs repeat bit for bit per thread count on one CPU model; on another they are a second draw). A comparison without runs shows "not run".
-VERDICT_REGIME = "6x schedule, batch 16"
+# The verdict (issue 23, item 3), per regime: each cell's runs as parts (runs CSV, cell), merged by
+# seed (each seed is in one part only). Pairs are by seed (runs repeat bit for bit per thread count
+# on one CPU model; on another they are a second draw). A comparison without runs shows "not run".
 VERDICT_SEEDS = (0, 1, 2, 3, 4)
-_LATER_PARTS = tuple(f"verdict{k}_6x_batch16_fcos_atss_aquarium_runs.csv" for k in (2, 3, 4, 5))
+Parts = tuple[Runs, ...]
 
 
-def _verdict_cell(variant: str, seeds_0_2: str | None = None) -> tuple[Runs, ...]:
-    """The runs of one verdict cell: seeds 0-2 from ``seeds_0_2`` (if any), the rest from the later parts."""
-    first = ((seeds_0_2, f"6x_batch16/{variant}"),) if seeds_0_2 else ()
-    return first + tuple((part, f"6x_batch16/{variant}") for part in _LATER_PARTS)
+@dataclass(frozen=True)
+class VerdictCells:
+    spec: str  # where the verdict's own cells are pinned, for the "not run" line
+    focal: Parts  # FL + GIoU + ATSS
+    ghmc: Parts
+    hcra_c: Parts  # HCRA-C + GIoU + ATSS
+    hcral: Parts  # HCRA-C + HCRA-R + EATSS
+    hcra_r: Parts  # FL + HCRA-R + ATSS
+    eatss: Parts  # FL + GIoU + EATSS
+
+    def comparisons(self) -> dict[str, tuple[Parts, Parts]]:
+        """Comparison label -> (treated, baseline), in the verdict table's row order."""
+        return {
+            "HCRA-C − GHM-C (the paper's comparison)": (self.hcra_c, self.ghmc),
+            "HCRA-C − focal": (self.hcra_c, self.focal),
+            "HCRAL − (FL + GIoU + ATSS)": (self.hcral, self.focal),
+            "HCRAL − HCRA-C (what HCRA-R + EATSS add)": (self.hcral, self.hcra_c),
+            "HCRA-R − GIoU": (self.hcra_r, self.focal),
+            "EATSS − ATSS": (self.eatss, self.focal),
+            # The calibration reading over every seed run, beside the table's pre-registered 3-seed one.
+            "GHM-C − focal (criterion (1), all seeds)": (self.ghmc, self.focal),
+        }
 
 
-_V_FOCAL, _V_GHMC = _verdict_cell("focal", _6X_BATCH16), _verdict_cell("ghmc", _6X_BATCH16)
-_V_HCRA_C, _V_HCRAL = _verdict_cell("hcra_c", _VERDICT), _verdict_cell("hcral", _VERDICT)
-VERDICT = {
-    "HCRA-C − GHM-C (the paper's comparison)": (_V_HCRA_C, _V_GHMC),
-    "HCRA-C − focal": (_V_HCRA_C, _V_FOCAL),
-    "HCRAL − (FL + GIoU + ATSS)": (_V_HCRAL, _V_FOCAL),
-    "HCRAL − HCRA-C (what HCRA-R + EATSS add)": (_V_HCRAL, _V_HCRA_C),
-    "HCRA-R − GIoU": (_verdict_cell("hcra_r"), _V_FOCAL),
-    "EATSS − ATSS": (_verdict_cell("eatss"), _V_FOCAL),
-    # The calibration reading over every seed run, beside the table's pre-registered 3-seed one.
-    "GHM-C − focal (criterion (1), all seeds)": (_V_GHMC, _V_FOCAL),
+# 6x schedule x batch 16, the closest regime so far. Seeds 0-2: part 1 (HCRA-C, HCRAL) against the
+# calibration study's focal and GHM-C runs; the later parts: 2 (seed 3 of focal and GHM-C), 3 (seed
+# 4 of all four), 4 (seed 3 of HCRA-C and HCRAL), 5 (HCRA-R and EATSS, seeds 0-4).
+_PART = "verdict{}_6x_batch16_fcos_atss_aquarium_runs.csv".format
+_PARTS_6X = {  # variant -> the runs CSVs that hold its seeds
+    "focal": (_6X_BATCH16, _PART(2), _PART(3)),
+    "ghmc": (_6X_BATCH16, _PART(2), _PART(3)),
+    "hcra_c": (_VERDICT, _PART(3), _PART(4)),
+    "hcral": (_VERDICT, _PART(3), _PART(4)),
+    "hcra_r": (_PART(5),),
+    "eatss": (_PART(5),),
+}
+# 9x schedule x batch 16, run only if calibrated: focal and GHM-C from the calibration study (seeds
+# 0-2) and the baselines SPEC (seeds 3-4), the other four cells from one SPEC (seeds 0-4).
+_PARTS_9X = {
+    "focal": (_9X_BATCH16, _BASELINES_9X_BATCH16),
+    "ghmc": (_9X_BATCH16, _BASELINES_9X_BATCH16),
+    **{v: (_VERDICT_9X_BATCH16,) for v in ("hcra_c", "hcral", "hcra_r", "eatss")},
+}
+VERDICTS = {
+    "6x schedule, batch 16": VerdictCells("experiments/verdict_6x_batch16_fcos_atss_aquarium.yaml",
+        **{v: tuple((runs, f"6x_batch16/{v}") for runs in csvs) for v, csvs in _PARTS_6X.items()}),
+    "9x schedule, batch 16": VerdictCells("experiments/verdict_9x_batch16_fcos_atss_aquarium.yaml",
+        **{v: tuple((runs, f"9x_batch16/{v}") for runs in csvs) for v, csvs in _PARTS_9X.items()}),
 }  # fmt: skip
+# The regime whose score-IoU consistency comes from `hcral analyze` files and consistency reruns
+# (its run folders were lost before every evaluation wrote score_iou_* into metrics.json).
+VERDICT_6X = VERDICTS["6x schedule, batch 16"]
 
 
 def ap_by_seed(runs: Runs, seeds: tuple[int, ...] = SEEDS, *, metric: str = "AP") -> dict[int, float]:
@@ -175,15 +210,24 @@ def ap_by_seed(runs: Runs, seeds: tuple[int, ...] = SEEDS, *, metric: str = "AP"
         }  # fmt: skip
 
 
-def verdict_ap(parts: tuple[Runs, ...]) -> dict[int, float]:
+def has_column(runs: Runs, metric: str) -> bool:
+    """Whether a runs CSV exists and tables ``metric`` (the score_iou_* columns came later than AP)."""
+    path = RESULTS / runs[0]
+    if not path.is_file():
+        return False
+    with path.open() as f:
+        return metric in next(csv.reader(f))
+
+
+def verdict_ap(parts: Parts) -> dict[int, float]:
     """AP by seed of one verdict cell, its parts merged (each seed is in one part only)."""
     return {s: ap for runs in parts for s, ap in ap_by_seed(runs, VERDICT_SEEDS).items()}
 
 
-def verdict_table() -> str:
+def verdict_table(cells: VerdictCells) -> str:
     """The verdict comparisons as Markdown: paired ΔAP with its CI, the per-seed differences, the seeds."""
     lines = ["| comparison | ΔAP [95% CI] | per seed | seeds |", "|---|---|---|---|"]
-    for label, (t, b) in VERDICT.items():
+    for label, (t, b) in cells.comparisons().items():
         treated, base = verdict_ap(t), verdict_ap(b)
         d = paired_difference(treated, base)
         per_seed = ", ".join(f"{k}: {100 * (treated[k] - base[k]):+.2f}" for k in sorted(treated.keys() & base.keys()))
@@ -191,19 +235,21 @@ def verdict_table() -> str:
     return "\n".join(lines)
 
 
-def verdict_interaction() -> PairedDiff:
+def verdict_interaction(cells: VerdictCells) -> PairedDiff:
     """Per seed, (HCRAL − HCRA-C) − (HCRA-R − GIoU) − (EATSS − ATSS): how far HCRA-R and EATSS on
     HCRA-C fall from their sum on focal loss (0 if their effects add and do not depend on the base)."""
-    focal, hcra_c, hcral = verdict_ap(_V_FOCAL), verdict_ap(_V_HCRA_C), verdict_ap(_V_HCRAL)
-    hcra_r, eatss = verdict_ap(_verdict_cell("hcra_r")), verdict_ap(_verdict_cell("eatss"))
+    focal, hcra_c, hcral = verdict_ap(cells.focal), verdict_ap(cells.hcra_c), verdict_ap(cells.hcral)
+    hcra_r, eatss = verdict_ap(cells.hcra_r), verdict_ap(cells.eatss)
     seeds = focal.keys() & hcra_c.keys() & hcral.keys() & hcra_r.keys() & eatss.keys()
     treated = {s: hcral[s] + 2 * focal[s] for s in seeds}
     return paired_difference(treated, {s: hcra_c[s] + hcra_r[s] + eatss[s] for s in seeds})
 
 
-# Score-IoU consistency of the verdict cells (issue 23, item 3), by seed: runs whose folders lived
+# Score-IoU consistency of the verdict cells (issue 23, item 3), by seed. Every final evaluation
+# now writes score_iou_* into metrics.json, so SPECs that table them (the 9x x batch 16 verdict's)
+# hold it in their runs CSVs. The 6x x batch 16 runs came before that: those whose folders lived
 # until `hcral analyze` read them are rows of its pooled analysis file; the rest were rerun by the
-# consistency SPECs, whose final evaluations write score_iou_* into metrics.json and so the runs CSVs.
+# consistency SPECs.
 _POOLED_ANALYSIS = "verdict_pooled_6x_batch16_fcos_atss_aquarium_analysis.md"
 _RERUNS = ("consistency_6x_batch16_focal_ghmc_aquarium_runs.csv", "consistency_verdict5_6x_batch16_aquarium_runs.csv")
 # Column of `hcral analyze`'s per-run table (3 decimals) -> key of metrics.json and the runs CSVs
@@ -235,15 +281,18 @@ def analysis_rows(name: str = _POOLED_ANALYSIS) -> dict[tuple[str, int], dict[st
     return rows
 
 
-def consistency_by_seed(cell: str, metric: str = "score_iou_spearman") -> dict[int, float]:
-    """``metric`` (a CONSISTENCY value) by seed for a verdict cell, from the analysis file and the reruns."""
+def consistency_by_seed(parts: Parts, metric: str = "score_iou_spearman") -> dict[int, float]:
+    """``metric`` (a CONSISTENCY value) by seed for a verdict cell, from the analysis file, the
+    reruns and the cell's own runs CSVs where they table it."""
+    cell = parts[0][1]
     column = next(c for c, m in CONSISTENCY.items() if m == metric)
     merged = {s: float(v[column]) for (c, s), v in analysis_rows().items() if c == cell and s in VERDICT_SEEDS}
-    for runs in _RERUNS:
-        rerun = ap_by_seed((runs, cell), VERDICT_SEEDS, metric=metric)
-        if overlap := merged.keys() & rerun.keys():
-            raise ValueError(f"{cell}: seeds {sorted(overlap)} in both {_POOLED_ANALYSIS} and {runs}")
-        merged.update(rerun)
+    sources = [(runs, cell) for runs in _RERUNS] + [p for p in parts if has_column(p, metric)]
+    for runs in sources:
+        found = ap_by_seed(runs, VERDICT_SEEDS, metric=metric)
+        if overlap := merged.keys() & found.keys():
+            raise ValueError(f"{cell}: seeds {sorted(overlap)} in {runs[0]} and in an earlier source ({_POOLED_ANALYSIS}, {', '.join(_RERUNS)})")
+        merged.update(found)
     return merged
 
 
@@ -260,7 +309,7 @@ def _second_draws(rerun: dict[int, float], original: dict[int, float]) -> set[in
 def rerun_ap_check() -> list[str]:
     """Each rerun's AP against its original's (same cell and seed in the verdict's parts): whether
     a rerun is the run whose consistency it stands for, or a second draw at the same seed."""
-    originals = {parts[0][1]: parts for pair in VERDICT.values() for parts in pair}
+    originals = {parts[0][1]: parts for pair in VERDICT_6X.comparisons().values() for parts in pair}
     lines = []
     for cell, parts in originals.items():
         rerun, original = rerun_ap(cell), verdict_ap(parts)
@@ -276,7 +325,7 @@ def second_draw_table() -> str:
     original's), on those reruns against the same baseline: how far another draw at the same seeds
     moves the verdict."""
     lines = ["| comparison | ΔAP on the reruns [95% CI] | on the originals, same seeds | seeds |", "|---|---|---|---|"]
-    for label, (t, b) in VERDICT.items():
+    for label, (t, b) in VERDICT_6X.comparisons().items():
         rerun, original, base = rerun_ap(t[0][1]), verdict_ap(t), verdict_ap(b)
         if not _second_draws(rerun, original) & original.keys():
             continue
@@ -286,18 +335,19 @@ def second_draw_table() -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
-def consistency_table() -> str:
+def consistency_table(cells: VerdictCells) -> str:
     """Per verdict cell: seeds, mean ± std of Spearman and Pearson (score against IoU); per verdict
     comparison: Δ Spearman and Δ Pearson paired by seed, with their CIs."""
-    cells = {parts[0][1] for pair in VERDICT.values() for parts in pair}
+    comparisons = cells.comparisons()
+    by_cell = {parts[0][1]: parts for pair in comparisons.values() for parts in pair}
     lines = ["| cell | seeds | Spearman | Pearson |", "|---|---|---|---|"]
-    for cell in sorted(cells):
-        rho, r = consistency_by_seed(cell), consistency_by_seed(cell, "score_iou_pearson")
+    for cell, parts in sorted(by_cell.items()):
+        rho, r = consistency_by_seed(parts), consistency_by_seed(parts, "score_iou_pearson")
         stats = [f"{mean(list(v.values())):.3f} ± {std(list(v.values())):.3f}" if len(v) >= 2 else "–" for v in (rho, r)]
         lines.append(f"| `{cell}` | {','.join(map(str, sorted(rho)))} | {stats[0]} | {stats[1]} |")
     lines += ["", "| comparison | Δ Spearman [95% CI] | Δ Pearson [95% CI] | seeds |", "|---|---|---|---|"]
-    for label, (t, b) in VERDICT.items():
-        d = {m: paired_difference(consistency_by_seed(t[0][1], m), consistency_by_seed(b[0][1], m))
+    for label, (t, b) in comparisons.items():
+        d = {m: paired_difference(consistency_by_seed(t, m), consistency_by_seed(b, m))
              for m in ("score_iou_spearman", "score_iou_pearson")}  # fmt: skip
         cis = [format_ci(x, digits=3) if x.n >= 2 else "not run" for x in d.values()]
         lines.append(f"| {label} | {cis[0]} | {cis[1]} | {d['score_iou_spearman'].n} |")
@@ -339,14 +389,18 @@ def verdict(focal_ap: float, base_focal_ap: float, diffs: dict[str, PairedDiff])
 
 
 def print_verdict() -> None:
-    """The verdict of the closest regime: ΔAP, the HCRA-R + EATSS shortfall, the score-IoU consistency."""
-    print(f"verdict in the closest regime ({VERDICT_REGIME}), paired by seed:\n")
-    print(verdict_table())
-    shortfall = verdict_interaction()
-    if shortfall.n >= 2:
-        print(f"\n(HCRAL − HCRA-C) − (HCRA-R − GIoU) − (EATSS − ATSS), per seed: {format_ci(shortfall, scale=100)} ({shortfall.n} seeds)")
-    print("\nscore-IoU consistency of the verdict cells (hcral analyze's numbers at the runs' own settings):\n")
-    print(consistency_table())
+    """Each regime's verdict: ΔAP, the HCRA-R + EATSS shortfall, the score-IoU consistency."""
+    for regime, cells in VERDICTS.items():
+        if not any(verdict_ap(parts) for parts in (cells.hcra_c, cells.hcral, cells.hcra_r, cells.eatss)):
+            print(f"verdict at {regime}: not run (pinned in {cells.spec})\n")
+            continue
+        print(f"verdict at {regime}, paired by seed:\n")
+        print(verdict_table(cells))
+        shortfall = verdict_interaction(cells)
+        if shortfall.n >= 2:
+            print(f"\n(HCRAL − HCRA-C) − (HCRA-R − GIoU) − (EATSS − ATSS), per seed: {format_ci(shortfall, scale=100)} ({shortfall.n} seeds)")
+        print(f"\nscore-IoU consistency of the verdict cells at {regime} (hcral analyze's numbers at the runs' own settings):\n")
+        print(consistency_table(cells) + "\n")
     if check := rerun_ap_check():
         print("\nconsistency reruns against their originals (AP x 100):\n" + "\n".join(check))
     if second := second_draw_table():

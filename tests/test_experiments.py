@@ -456,14 +456,22 @@ def test_calibration_points_name_cells_of_their_specs(experiment_script):
     # Each regime's compute is counted from its SPEC cell, and its runs are looked up by cell name:
     # a renamed cell would silently read as "not run".
     script = experiment_script("calibrate_figure.py")
+    root = Path(__file__).resolve().parents[1]
+
+    def cells_of(csv_name: str) -> set[str]:  # a runs CSV is named after its SPEC: <stem>_runs.csv
+        return {c.name for c in ablate.load_spec(root / "experiments" / csv_name.replace("_runs.csv", ".yaml")).cells()}
+
     for point in script.POINTS:
-        spec = ablate.load_spec(Path(__file__).resolve().parents[1] / point.spec)
-        names = {c.name for c in spec.cells()}
+        names = {c.name for c in ablate.load_spec(root / point.spec).cells()}
         assert point.spec_cell in names, (point.regime, sorted(names))
         for treated, base in point.pairs.values():
             for csv_name, cell in (treated, base):
-                if csv_name.startswith(Path(point.spec).stem):
-                    assert cell in names, (point.regime, cell, sorted(names))
+                assert cell in cells_of(csv_name), (point.regime, csv_name, cell)
+    for regime, verdict in script.VERDICTS.items():
+        assert (root / verdict.spec).is_file(), (regime, verdict.spec)
+        for treated, base in verdict.comparisons().values():
+            for csv_name, cell in (*treated, *base):
+                assert cell in cells_of(csv_name), (regime, csv_name, cell)
     spec = ablate.load_spec(Path(__file__).resolve().parents[1] / "experiments/calibrate_schedule9x_batch16_fcos_atss_aquarium.yaml")
     with pytest.raises(ValueError, match="no cell '9x_batch16/ghm'.*its cells: 9x_batch16/focal, 9x_batch16/ghmc"):
         spec.cell("9x_batch16/ghm")  # a typo names the valid cells
