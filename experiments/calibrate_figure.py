@@ -450,8 +450,9 @@ def main(argv: list[str] | None = None) -> int:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
     for ax, (label, points) in zip(axes, plotted.items()):
-        for regime, x, m, lo, hi in points:
-            ax.errorbar([x], [m], yerr=[[m - lo], [hi - m]], fmt="o", capsize=4, label=regime)
+        for i, (regime, x, m, lo, hi) in enumerate(points):
+            # matplotlib's colour cycle has 10 colours: a second marker keeps an 11th point apart.
+            ax.errorbar([x], [m], yerr=[[m - lo], [hi - m]], fmt="os"[i // 10 % 2], capsize=4, label=regime)
         if label == "GHM-C − focal" and crossing:
             xs = [min(x for x, _ in trend), max(crossing[0.0], max(x for x, _ in trend))]
             ax.plot(xs, [a + b * math.log10(x) for x in xs], "k:", lw=1, label="schedule trend (extrapolated)")
