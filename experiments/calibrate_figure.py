@@ -155,6 +155,10 @@ class VerdictCells:
     hcra_r: Parts  # FL + HCRA-R + ATSS
     eatss: Parts  # FL + GIoU + EATSS
 
+    def by_cell(self) -> dict[str, Parts]:
+        """Cell name (as in the runs CSVs) -> its parts, for the six cells."""
+        return {parts[0][1]: parts for parts in (self.focal, self.ghmc, self.hcra_c, self.hcral, self.hcra_r, self.eatss)}
+
     def comparisons(self) -> dict[str, tuple[Parts, Parts]]:
         """Comparison label -> (treated, baseline), in the verdict table's row order."""
         return {
@@ -309,9 +313,8 @@ def _second_draws(rerun: dict[int, float], original: dict[int, float]) -> set[in
 def rerun_ap_check() -> list[str]:
     """Each rerun's AP against its original's (same cell and seed in the verdict's parts): whether
     a rerun is the run whose consistency it stands for, or a second draw at the same seed."""
-    originals = {parts[0][1]: parts for pair in VERDICT_6X.comparisons().values() for parts in pair}
     lines = []
-    for cell, parts in originals.items():
+    for cell, parts in VERDICT_6X.by_cell().items():
         rerun, original = rerun_ap(cell), verdict_ap(parts)
         differ = _second_draws(rerun, original)
         for s in sorted(rerun):
@@ -338,15 +341,13 @@ def second_draw_table() -> str:
 def consistency_table(cells: VerdictCells) -> str:
     """Per verdict cell: seeds, mean ± std of Spearman and Pearson (score against IoU); per verdict
     comparison: Δ Spearman and Δ Pearson paired by seed, with their CIs."""
-    comparisons = cells.comparisons()
-    by_cell = {parts[0][1]: parts for pair in comparisons.values() for parts in pair}
     lines = ["| cell | seeds | Spearman | Pearson |", "|---|---|---|---|"]
-    for cell, parts in sorted(by_cell.items()):
+    for cell, parts in sorted(cells.by_cell().items()):
         rho, r = consistency_by_seed(parts), consistency_by_seed(parts, "score_iou_pearson")
         stats = [f"{mean(list(v.values())):.3f} ± {std(list(v.values())):.3f}" if len(v) >= 2 else "–" for v in (rho, r)]
         lines.append(f"| `{cell}` | {','.join(map(str, sorted(rho)))} | {stats[0]} | {stats[1]} |")
     lines += ["", "| comparison | Δ Spearman [95% CI] | Δ Pearson [95% CI] | seeds |", "|---|---|---|---|"]
-    for label, (t, b) in comparisons.items():
+    for label, (t, b) in cells.comparisons().items():
         d = {m: paired_difference(consistency_by_seed(t, m), consistency_by_seed(b, m))
              for m in ("score_iou_spearman", "score_iou_pearson")}  # fmt: skip
         cis = [format_ci(x, digits=3) if x.n >= 2 else "not run" for x in d.values()]
