@@ -440,6 +440,8 @@ def test_calibration_criterion_condition_by_condition(experiment_script):
     assert verdict(0.17, 0.12, {"GHM-C − focal": behind}) == "no: (1)"  # inside 1 AP, CI excludes 0
     assert verdict(0.17, 0.12, {"GHM-C − focal": _diff([-3.0, 2.0, -2.5])}) == "no: (1)"  # CI has 0, mean beyond 1 AP
     assert verdict(0.17, 0.12, {"GHM-C − focal": level}) == "(1) yes; (2) not run"
+    partial = {"GHM-C − focal": level, "ATSS − RetinaNet": _diff([3.0, 4.0])}
+    assert verdict(0.17, 0.12, partial) == "(1) yes; (2) not judged: 2 of 3 seeds"
     assert verdict(0.17, 0.12, {"GHM-C − focal": level, "ATSS − RetinaNet": atss_ties}) == "no: (2)"
     assert verdict(0.17, 0.12, {"GHM-C − focal": level, "ATSS − RetinaNet": atss_wins}) == "yes"
 
