@@ -23,7 +23,10 @@ dotted); where it would reach -1 and 0 AP is an extrapolation, printed as such.
 
 The criterion (experiments/calibrate_axes2_fcos_atss_aquarium.yaml, pinned before those runs):
 (0) focal loss at least at the base regime's AP, (1) GHM-C within 1 AP of focal loss with a CI
-that contains 0, (2) ATSS beats RetinaNet (CI above 0).
+that contains 0, (2) ATSS beats RetinaNet (CI above 0). At 9x x batch 16, criterion (2) has a
+second stage, pinned before its third seed's RetinaNet AP was known
+(experiments/calibrate_detectors9x_batch16_seeds34_aquarium.yaml): a positive mean whose 3-seed CI
+reaches 0 is read once more at 5 seeds.
 """
 
 from __future__ import annotations
@@ -66,6 +69,9 @@ class Point:
     focal: Runs
     pairs: dict[str, tuple[Runs, Runs]] = field(default_factory=dict)  # COMPARISONS label -> (treatment, baseline)
     schedule: bool = False  # on the schedule axis (base, 3x, 6x, ...): the points the trend line fits
+    # Criterion (2)'s second stage, seeds 3-4 of (ATSS, RetinaNet), pooled by seed with the
+    # "ATSS − RetinaNet" pair; read only under its SPEC's rule (``verdict``).
+    stage2: tuple[Runs, Runs] | None = None
 
 
 def _axes(regime: str) -> Point:
@@ -94,6 +100,7 @@ _VERDICT = "verdict_6x_batch16_fcos_atss_aquarium_runs.csv"
 _DETECTORS_6X_BATCH16 = "calibrate_detectors6x_batch16_aquarium_runs.csv"
 _QFL_6X_BATCH16 = "calibrate_qfl6x_batch16_aquarium_runs.csv"  # against the detector study's atss runs
 _DETECTORS_9X_BATCH16 = "calibrate_detectors9x_batch16_aquarium_runs.csv"  # run only if 9x x batch 16 passes (0)-(1)
+_DETECTORS_9X_BATCH16_STAGE2 = "calibrate_detectors9x_batch16_seeds34_aquarium_runs.csv"
 # The verdict at 9x x batch 16, run only if that regime is calibrated.
 _VERDICT_9X_BATCH16 = "verdict_9x_batch16_fcos_atss_aquarium_runs.csv"
 _BASELINES_9X_BATCH16 = "verdict_baselines_9x_batch16_fcos_atss_aquarium_runs.csv"
@@ -136,8 +143,10 @@ POINTS = (
         "HCRA-C − GHM-C": ((_VERDICT_9X_BATCH16, "9x_batch16/hcra_c"), (_9X_BATCH16, "9x_batch16/ghmc")),
         "ATSS − RetinaNet": ((_DETECTORS_9X_BATCH16, "9x_batch16/atss"), (_DETECTORS_9X_BATCH16, "9x_batch16/retinanet")),
         "VFL − focal": ((_DETECTORS_9X_BATCH16, "9x_batch16/atss_vfl"), (_DETECTORS_9X_BATCH16, "9x_batch16/atss")),
-    }),
+    }, stage2=((_DETECTORS_9X_BATCH16_STAGE2, "9x_batch16/atss"), (_DETECTORS_9X_BATCH16_STAGE2, "9x_batch16/retinanet"))),
 )  # fmt: skip
+# Criterion (2)'s second stage is read once, at these seeds (its SPEC: no later look).
+STAGE2_SEEDS = (0, 1, 2, 3, 4)
 # The verdict (issue 23, item 3), per regime: each cell's runs as parts (runs CSV, cell), merged by
 # seed (each seed is in one part only). Pairs are by seed (runs repeat bit for bit per thread count
 # on one CPU model; on another they are a second draw). A comparison without runs shows "not run".
@@ -373,8 +382,18 @@ def log_linear_fit(points: list[tuple[float, float]]) -> tuple[float, float]:
     return my - b * mx, b
 
 
-def verdict(focal_ap: float, base_focal_ap: float, diffs: dict[str, PairedDiff]) -> str:
-    """The criterion (module docstring), condition by condition."""
+def stage2_diff(p: Point) -> PairedDiff | None:
+    """ATSS − RetinaNet over STAGE2_SEEDS, the pair's own runs and its stage-2 runs merged by seed."""
+    if p.stage2 is None:
+        return None
+    pooled = [{s: ap for runs in parts for s, ap in ap_by_seed(runs, STAGE2_SEEDS).items()}
+              for parts in zip(p.pairs["ATSS − RetinaNet"], p.stage2)]  # fmt: skip
+    return paired_difference(*pooled)
+
+
+def verdict(focal_ap: float, base_focal_ap: float, diffs: dict[str, PairedDiff], stage2: PairedDiff | None = None) -> str:
+    """The criterion (module docstring), condition by condition. ``stage2``: ATSS − RetinaNet at
+    STAGE2_SEEDS, for a regime whose criterion (2) has a second stage pinned (``Point.stage2``)."""
     ghmc, atss = diffs.get("GHM-C − focal"), diffs.get("ATSS − RetinaNet")
     if ghmc is None or ghmc.n == 0:
         return "not run"
@@ -388,7 +407,14 @@ def verdict(focal_ap: float, base_focal_ap: float, diffs: dict[str, PairedDiff])
         return "(1) yes; (2) not run"
     if atss.n < len(SEEDS):  # judged at the design's seeds, as (1) is
         return f"(1) yes; (2) not judged: {atss.n} of {len(SEEDS)} seeds"
-    return "yes" if atss.ci_low > 0 else "no: (2)"
+    if atss.ci_low > 0:
+        return "yes"
+    if atss.mean <= 0 or stage2 is None:
+        return "no: (2)"
+    # A positive mean whose 3-seed CI reaches 0: the stage-2 SPEC reads (2) once more, at 5 seeds.
+    if stage2.n < len(STAGE2_SEEDS):
+        return f"(1) yes; (2) not judged: stage 2, {stage2.n} of {len(STAGE2_SEEDS)} seeds"
+    return "yes, at stage 2" if stage2.ci_low > 0 else "no: (2), at stage 2"
 
 
 def print_verdict() -> None:
@@ -416,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     base_focal = mean(list(ap_by_seed(POINTS[0].focal).values()))
     header = ["regime", "training PFLOPs", "focal AP", *(f"ΔAP {c} [95% CI]" for c in COMPARISONS), "seeds", "calibrated?"]
-    rows, plotted = [], {c: [] for c in COMPARISONS[:2]}
+    rows, plotted, stage2_lines = [], {c: [] for c in COMPARISONS[:2]}, []
     trend: list[tuple[float, float]] = []  # (PFLOPs, mean GHM-C − focal) of the schedule points
     for p in POINTS:
         pflops = training_pflops(p.spec, p.spec_cell)
@@ -427,7 +453,10 @@ def main(argv: list[str] | None = None) -> int:
         n = diffs["GHM-C − focal"].n
         if p.schedule and n >= len(SEEDS):
             trend.append((pflops, 100 * diffs["GHM-C − focal"].mean))
-        rows.append([p.regime, f"{pflops:.3f}", f"{100 * focal_ap:.1f}" if focal else "–", *cells, str(n), verdict(focal_ap, base_focal, diffs)])
+        stage2 = stage2_diff(p)
+        if stage2 is not None and stage2.n > diffs["ATSS − RetinaNet"].n:
+            stage2_lines.append(f"criterion (2) at {p.regime}, stage 2: ATSS − RetinaNet {format_ci(stage2, scale=100)} ({stage2.n} seeds)")
+        rows.append([p.regime, f"{pflops:.3f}", f"{100 * focal_ap:.1f}" if focal else "–", *cells, str(n), verdict(focal_ap, base_focal, diffs, stage2)])
         for c in plotted:
             if c in diffs and diffs[c].n >= len(SEEDS):
                 d = diffs[c]
@@ -440,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print("| " + " | ".join(r) + " |")
     print()
+    if stage2_lines:
+        print("\n".join(stage2_lines) + "\n")
     print_verdict()
     a, b = log_linear_fit(trend)
     crossing = {y: 10 ** ((y - a) / b) for y in (-LEVEL_AP, 0.0)} if b > 0 else {}

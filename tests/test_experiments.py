@@ -444,6 +444,15 @@ def test_calibration_criterion_condition_by_condition(experiment_script):
     assert verdict(0.17, 0.12, partial) == "(1) yes; (2) not judged: 2 of 3 seeds"
     assert verdict(0.17, 0.12, {"GHM-C − focal": level, "ATSS − RetinaNet": atss_ties}) == "no: (2)"
     assert verdict(0.17, 0.12, {"GHM-C − focal": level, "ATSS − RetinaNet": atss_wins}) == "yes"
+    # The second stage (Point.stage2): only a positive 3-seed mean whose CI reaches 0 goes on, to 5 seeds.
+    ties = {"GHM-C − focal": level, "ATSS − RetinaNet": atss_ties}  # mean +0.17, CI reaches 0
+    five_win, five_tie = _diff([3.0, 4.0, 3.5, 2.0, 2.5]), _diff([-1.0, 1.0, 0.5, -0.5, 0.3])
+    assert verdict(0.17, 0.12, ties, _diff([3.0, 4.0, 3.5])) == "(1) yes; (2) not judged: stage 2, 3 of 5 seeds"
+    assert verdict(0.17, 0.12, ties, five_win) == "yes, at stage 2"
+    assert verdict(0.17, 0.12, ties, five_tie) == "no: (2), at stage 2"
+    behind_atss = {"GHM-C − focal": level, "ATSS − RetinaNet": _diff([-1.0, 0.5, -0.5])}  # mean below 0: no second look
+    assert verdict(0.17, 0.12, behind_atss, five_win) == "no: (2)"
+    assert verdict(0.17, 0.12, {"GHM-C − focal": level, "ATSS − RetinaNet": atss_wins}, five_tie) == "yes"  # passed at 3
 
 
 def test_calibration_trend_fit_and_second_draws(experiment_script):
@@ -466,7 +475,7 @@ def test_calibration_points_name_cells_of_their_specs(experiment_script):
     for point in script.POINTS:
         names = {c.name for c in ablate.load_spec(root / point.spec).cells()}
         assert point.spec_cell in names, (point.regime, sorted(names))
-        for treated, base in point.pairs.values():
+        for treated, base in [*point.pairs.values(), *([point.stage2] if point.stage2 else [])]:
             for csv_name, cell in (treated, base):
                 assert cell in cells_of(csv_name), (point.regime, csv_name, cell)
     for regime, verdict in script.VERDICTS.items():
