@@ -145,8 +145,6 @@ POINTS = (
         "VFL − focal": ((_DETECTORS_9X_BATCH16, "9x_batch16/atss_vfl"), (_DETECTORS_9X_BATCH16, "9x_batch16/atss")),
     }, stage2=((_DETECTORS_9X_BATCH16_STAGE2, "9x_batch16/atss"), (_DETECTORS_9X_BATCH16_STAGE2, "9x_batch16/retinanet"))),
 )  # fmt: skip
-# Criterion (2)'s second stage is read once, at these seeds (its SPEC: no later look).
-STAGE2_SEEDS = (0, 1, 2, 3, 4)
 # The verdict (issue 23, item 3), per regime: each cell's runs as parts (runs CSV, cell), merged by
 # seed (each seed is in one part only). Pairs are by seed (runs repeat bit for bit per thread count
 # on one CPU model; on another they are a second draw). A comparison without runs shows "not run".
@@ -383,17 +381,16 @@ def log_linear_fit(points: list[tuple[float, float]]) -> tuple[float, float]:
 
 
 def stage2_diff(p: Point) -> PairedDiff | None:
-    """ATSS − RetinaNet over STAGE2_SEEDS, the pair's own runs and its stage-2 runs merged by seed."""
+    """ATSS − RetinaNet at the verdict's 5 seeds (VERDICT_SEEDS), the pair's own runs and its
+    stage-2 runs merged by seed; read once (its SPEC: no later look)."""
     if p.stage2 is None:
         return None
-    pooled = [{s: ap for runs in parts for s, ap in ap_by_seed(runs, STAGE2_SEEDS).items()}
-              for parts in zip(p.pairs["ATSS − RetinaNet"], p.stage2)]  # fmt: skip
-    return paired_difference(*pooled)
+    return paired_difference(*(verdict_ap(parts) for parts in zip(p.pairs["ATSS − RetinaNet"], p.stage2)))
 
 
 def verdict(focal_ap: float, base_focal_ap: float, diffs: dict[str, PairedDiff], stage2: PairedDiff | None = None) -> str:
-    """The criterion (module docstring), condition by condition. ``stage2``: ATSS − RetinaNet at
-    STAGE2_SEEDS, for a regime whose criterion (2) has a second stage pinned (``Point.stage2``)."""
+    """The criterion (module docstring), condition by condition. ``stage2``: ATSS − RetinaNet at 5
+    seeds, for a regime whose criterion (2) has a second stage pinned (``Point.stage2``)."""
     ghmc, atss = diffs.get("GHM-C − focal"), diffs.get("ATSS − RetinaNet")
     if ghmc is None or ghmc.n == 0:
         return "not run"
@@ -412,8 +409,8 @@ def verdict(focal_ap: float, base_focal_ap: float, diffs: dict[str, PairedDiff],
     if atss.mean <= 0 or stage2 is None:
         return "no: (2)"
     # A positive mean whose 3-seed CI reaches 0: the stage-2 SPEC reads (2) once more, at 5 seeds.
-    if stage2.n < len(STAGE2_SEEDS):
-        return f"(1) yes; (2) not judged: stage 2, {stage2.n} of {len(STAGE2_SEEDS)} seeds"
+    if stage2.n < len(VERDICT_SEEDS):
+        return f"(1) yes; (2) not judged: stage 2, {stage2.n} of {len(VERDICT_SEEDS)} seeds"
     return "yes, at stage 2" if stage2.ci_low > 0 else "no: (2), at stage 2"
 
 
