@@ -452,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
             trend.append((pflops, 100 * diffs["GHM-C − focal"].mean))
         stage2 = stage2_diff(p)
         if stage2 is not None and stage2.n > diffs["ATSS − RetinaNet"].n:
-            stage2_lines.append(f"criterion (2) at {p.regime}, stage 2: ATSS − RetinaNet {format_ci(stage2, scale=100)} ({stage2.n} seeds)")
+            interim = "" if stage2.n >= len(VERDICT_SEEDS) else f"; interim, not the reading: (2) is read at {len(VERDICT_SEEDS)}"
+            stage2_lines.append(f"criterion (2) at {p.regime}, stage 2: ATSS − RetinaNet {format_ci(stage2, scale=100)} ({stage2.n} seeds{interim})")
         rows.append([p.regime, f"{pflops:.3f}", f"{100 * focal_ap:.1f}" if focal else "–", *cells, str(n), verdict(focal_ap, base_focal, diffs, stage2)])
         for c in plotted:
             if c in diffs and diffs[c].n >= len(SEEDS):
